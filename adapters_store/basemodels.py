@@ -107,6 +107,7 @@ def tiny_tokenizer(vocab_size: int = 512):
     path = cache_dir() / "tiny-tokenizer" / f"v{vocab_size}"
     if not (path / "tokenizer.json").exists():
         from pydoc_data.topics import topics
+
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
