@@ -1,0 +1,99 @@
+"""Paged KV cache: fixed pages of ``block_size`` tokens shared by all sequences (vLLM style).
+
+Layout per layer: K and V as flat token rows ``[num_blocks * block_size, kv_heads, head_dim]``. A sequence
+owns a *sequence slot* (0..max_seqs-1) and a list of blocks; ``row_table[seq_slot, pos]`` is the flat row
+that holds position ``pos``. Joining or leaving the batch only moves block ids between a free list and a
+table: no tensor of the batch is ever copied.
+
+A sequence reserves the blocks for its whole budget (prompt + max_tokens) when it is admitted, so a
+running request can never run out of cache mid-generation and nothing has to be preempted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCacheFull(RuntimeError):
+    """Not enough free blocks or sequence slots for the requested reservation."""
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        max_seqs: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        if num_blocks <= 0 or block_size <= 0 or max_seqs <= 0 or max_len <= 0:
+            raise ValueError(f"kv cache sizes must be positive: num_blocks={num_blocks} block_size={block_size} "
+                             f"max_seqs={max_seqs} max_len={max_len}")
+        self.block_size = block_size
+        self.max_len = max_len
+        self.num_blocks = num_blocks
+        rows = num_blocks * block_size
+        # [layers, 2 (k, v), rows, kv_heads, head_dim]
+        self.data = torch.zeros(num_layers, 2, rows, kv_heads, head_dim, dtype=dtype, device=device)
+        # row_table[seq_slot, pos] -> flat row; unused entries point at row 0 (always masked out)
+        self.row_table = torch.zeros(max_seqs, max_len, dtype=torch.long, device=device)
+        self._free_blocks = list(range(num_blocks - 1, -1, -1))  # a stack: pop() is O(1)
+        self._free_seqs = list(range(max_seqs - 1, -1, -1))
+        self._blocks: dict[int, list[int]] = {}  # seq slot -> its blocks
+        self._offsets = torch.arange(block_size, dtype=torch.long)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_blocks)
+
+    @property
+    def num_free_seqs(self) -> int:
+        return len(self._free_seqs)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._blocks)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        return (num_tokens <= self.max_len and bool(self._free_seqs)
+                and self.blocks_for(num_tokens) <= len(self._free_blocks))
+
+    def allocate(self, num_tokens: int) -> int:
+        """Reserve room for ``num_tokens`` positions; returns the sequence slot."""
+        if num_tokens > self.max_len:
+            raise KVCacheFull(f"{num_tokens} tokens exceed the cache's max_len of {self.max_len}")
+        need = self.blocks_for(num_tokens)
+        if not self._free_seqs or need > len(self._free_blocks):
+            raise KVCacheFull(f"need {need} blocks and a sequence slot; {len(self._free_blocks)} blocks and "
+                              f"{len(self._free_seqs)} slots free")
+        seq = self._free_seqs.pop()
+        blocks = [self._free_blocks.pop() for _ in range(need)]
+        self._blocks[seq] = blocks
+        rows = (torch.tensor(blocks, dtype=torch.long)[:, None] * self.block_size + self._offsets).flatten()
+        n = min(rows.numel(), self.max_len)
+        self.row_table[seq, :n] = rows[:n].to(self.row_table.device)
+        return seq
+
+    def free(self, seq: int) -> None:
+        """Return a sequence's blocks; a second free of the same slot is a no-op (abort paths may race)."""
+        blocks = self._blocks.pop(seq, None)
+        if blocks is None:
+            return
+        self._free_blocks.extend(reversed(blocks))
+        self._free_seqs.append(seq)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K rows, V rows) of layer i, each [rows, kv_heads, head_dim]."""
+        return self.data[i, 0], self.data[i, 1]
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return num_layers * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
