@@ -1,0 +1,233 @@
+"""Continuous, iteration-level batching across adapters.
+
+Every engine step the scheduler builds one batch under a token budget (``max_batch_tokens``): running
+requests first (a decode costs one token, an unfinished prompt continues as a chunk: chunked prefill),
+then new requests admitted from a bounded waiting queue while ``max_running`` and the KV cache allow.
+Finished requests leave between steps, so the batch changes every iteration.
+
+Fairness: the waiting queue is one FIFO per adapter, and admission takes the head of each adapter's FIFO
+in turn (round-robin, the rotation kept across steps), so a hot adapter with a long queue cannot starve
+the cold ones behind it.
+
+Residency: before a request is admitted its adapter is made resident and pinned (``Residency.acquire``;
+``release`` when it leaves). ``AdapterBusy`` means no slot is free now: the request keeps its place and
+waits, at most ``slot_wait_s``, then fails with ``Unavailable``. Any other ``ServingError`` (a corrupt
+file, a deleted adapter) fails every request waiting for that same adapter version, and nothing else.
+
+Threading: ``add``/``remove_waiting``/counts may be called from any thread (a lock guards the waiting
+queue only, never held while an adapter loads); ``schedule``/``finish`` run on the engine thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from server.errors import QueueFull, ServingError, Unavailable
+
+
+class AdapterBusy(Exception):
+    """No device slot can take the adapter right now (all pinned); try again at a later step."""
+
+
+class Residency(Protocol):
+    def acquire(self, req: Request) -> int: ...  # device slot (-1 = base); raises AdapterBusy or ServingError
+    def release(self, req: Request) -> None: ...
+
+
+class KVSpace(Protocol):
+    def can_allocate(self, num_tokens: int) -> bool: ...
+    def allocate(self, num_tokens: int) -> int: ...
+    def free(self, seq: int) -> None: ...
+
+
+@dataclass(eq=False)
+class Request:
+    """What the scheduler tracks per request; the engine subclasses it with outputs and the event sink."""
+
+    request_id: str
+    key: str | None  # residency key: the adapter's digest captured at submit; None = base model
+    prompt_ids: list[int]
+    max_tokens: int
+    arrival: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # monotonic seconds
+    num_tokens: int = 0  # prompt + generated tokens known so far (the engine advances it)
+    num_computed: int = 0  # tokens whose keys/values are in the cache
+    seq: int = -1  # KV sequence slot while admitted
+    adapter_slot: int = -1
+    pinned: bool = False
+    scheduled_at: float | None = None
+    slot_wait_since: float | None = None
+
+    def __post_init__(self) -> None:
+        self.num_tokens = self.num_tokens or len(self.prompt_ids)
+
+    @property
+    def reserve_tokens(self) -> int:
+        return len(self.prompt_ids) + self.max_tokens
+
+
+@dataclass
+class Batch:
+    chunks: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens this step)
+    failed: list[tuple[Request, ServingError]] = field(default_factory=list)  # left the queue with an error
+
+
+class Scheduler:
+    def __init__(self, residency: Residency, kv: KVSpace, max_batch_tokens: int, max_running: int,
+                 max_queue: int, slot_wait_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        if max_batch_tokens < 1 or max_running < 1 or max_queue < 0:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens}, max_running={max_running} must be >= 1 "
+                             f"and max_queue={max_queue} >= 0")
+        self.residency = residency
+        self.kv = kv
+        self.max_batch_tokens = max_batch_tokens
+        self.max_running = max_running
+        self.max_queue = max_queue
+        self.slot_wait_s = slot_wait_s
+        self.clock = clock
+        self.running: list[Request] = []
+        self._lock = threading.Lock()
+        self._queues: OrderedDict[str | None, deque[Request]] = OrderedDict()  # rotation order = dict order
+        self._waiting = 0
+        self._recent_e2e = 1.0  # seconds, an EWMA used to suggest Retry-After
+
+    # ---- any thread -------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return self._waiting
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def retry_after(self) -> float:
+        """Seconds a refused client should wait: the queue ahead of it at the recent request latency."""
+        waves = (self._waiting + len(self.running)) / self.max_running
+        return float(min(60.0, max(1.0, round(waves * self._recent_e2e))))
+
+    def check_capacity(self) -> None:
+        """Raise QueueFull when a new request could not be queued; cheap, before any tokenisation."""
+        if self._waiting >= self.max_queue:
+            raise QueueFull(f"the waiting queue is full ({self.max_queue} requests); retry later",
+                            retry_after=self.retry_after())
+
+    def add(self, req: Request) -> None:
+        with self._lock:
+            self.check_capacity()
+            self._queues.setdefault(req.key, deque()).append(req)
+            self._waiting += 1
+
+    def remove_waiting(self, req: Request) -> bool:
+        """Take a request out of the queue (cancel, deadline); False when it is not waiting."""
+        with self._lock:
+            q = self._queues.get(req.key)
+            if q is None or req not in q:
+                return False
+            q.remove(req)
+            self._waiting -= 1
+            if not q:
+                del self._queues[req.key]
+            return True
+
+    def waiting(self) -> list[Request]:
+        with self._lock:
+            return [r for q in self._queues.values() for r in q]
+
+    # ---- engine thread ----------------------------------------------------------------------------
+    def schedule(self) -> Batch:
+        batch = Batch()
+        budget = self.max_batch_tokens
+        for req in self.running:  # decodes and unfinished prompts of admitted requests come first
+            n = min(req.num_tokens - req.num_computed, budget)
+            if n > 0:
+                batch.chunks.append((req, n))
+                budget -= n
+        busy: set[str | None] = set()
+        while budget > 0 and len(self.running) < self.max_running:
+            req = self._next_waiting(busy)
+            if req is None or not self.kv.can_allocate(req.reserve_tokens):
+                if req is not None:
+                    self._requeue_front(req)
+                break
+            try:
+                req.adapter_slot = self.residency.acquire(req)
+            except AdapterBusy:
+                busy.add(req.key)
+                self._requeue_front(req)
+                self._check_slot_wait(req, batch)
+                continue
+            except ServingError as e:
+                batch.failed.append((req, e))
+                batch.failed.extend((r, e) for r in self._drain_key(req.key))
+                continue
+            req.pinned = True
+            req.slot_wait_since = None
+            req.seq = self.kv.allocate(req.reserve_tokens)
+            req.scheduled_at = self.clock()
+            self.running.append(req)
+            n = min(req.num_tokens, budget)
+            batch.chunks.append((req, n))
+            budget -= n
+        return batch
+
+    def finish(self, req: Request) -> None:
+        """Release a running request's KV space and adapter pin; safe to call twice."""
+        if req in self.running:
+            self.running.remove(req)
+            if req.scheduled_at is not None:
+                self._recent_e2e = 0.8 * self._recent_e2e + 0.2 * max(0.0, self.clock() - req.arrival)
+        try:
+            if req.seq >= 0:
+                self.kv.free(req.seq)
+        finally:
+            req.seq = -1
+            if req.pinned:
+                req.pinned = False
+                self.residency.release(req)
+
+    def _next_waiting(self, skip: set[str | None]) -> Request | None:
+        """Pop the head of the next adapter's FIFO in the rotation (skipping adapters without a slot)."""
+        with self._lock:
+            for key in list(self._queues):
+                if key in skip:
+                    continue
+                q = self._queues[key]
+                req = q.popleft()
+                self._waiting -= 1
+                del self._queues[key]
+                if q:
+                    self._queues[key] = q  # re-inserted at the end: this adapter had its turn
+                return req
+            return None
+
+    def _requeue_front(self, req: Request) -> None:
+        """Undo ``_next_waiting``: the request keeps its place and its adapter its turn."""
+        with self._lock:
+            q = self._queues.get(req.key)
+            if q is None:
+                self._queues[req.key] = q = deque()
+                self._queues.move_to_end(req.key, last=False)
+            else:
+                self._queues.move_to_end(req.key, last=False)
+            q.appendleft(req)
+            self._waiting += 1
+
+    def _drain_key(self, key: str | None) -> list[Request]:
+        with self._lock:
+            q = self._queues.pop(key, deque())
+            self._waiting -= len(q)
+            return list(q)
+
+    def _check_slot_wait(self, req: Request, batch: Batch) -> None:
+        now = self.clock()
+        if req.slot_wait_since is None:
+            req.slot_wait_since = now
+        elif now - req.slot_wait_since > self.slot_wait_s:
+            err = Unavailable(f"no adapter slot became free within {self.slot_wait_s:g} s (all slots pinned "
+                              f"by running requests)", retry_after=self.retry_after())
+            batch.failed.extend((r, err) for r in self._drain_key(req.key))
