@@ -137,8 +137,9 @@ class AROMALinear(AdapterLayer):
         return "accepted"
 
     def held_rank(self) -> int:
-        """Accepted rank plus the live component of a module still growing."""
-        return int(self.acc_a.shape[0]) + (0 if self.converged else self.cfg.rank)
+        """The rank this module would export now: accepted components plus a live, non-zero one."""
+        live = not self.converged and bool(self.lora_B.detach().any())
+        return int(self.acc_a.shape[0]) + (self.cfg.rank if live else 0)
 
     def compile(self) -> ModuleWeights | None:
         r = self.cfg.rank
