@@ -120,6 +120,13 @@ class Detokenizer:
             return delta
         return ""
 
+    def flush(self) -> str:
+        """At the end: text still held for an incomplete character, decoded as it stands (with U+FFFD)."""
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):] if len(after) > len(before) else ""
+
 
 @dataclass
 class OutputState:
@@ -154,6 +161,7 @@ class OutputState:
         return delta, None
 
     def _flush(self) -> str:
+        self.text += self.detok.flush()
         delta = self.text[self.emitted:]
         self.emitted = len(self.text)
         return delta

@@ -140,3 +140,11 @@ def test_params_validate_names_fields():
     for name in ("max_tokens", "temperature", "top_p", "min_tokens", "stop"):
         assert name in joined
     assert SamplingParams().validate() == []
+
+
+def test_incomplete_character_is_held_then_flushed_at_the_end(tok):
+    ids = tok("ok 😀").input_ids
+    text, reason, _ = run_output(tok, ids[:-1], max_tokens=len(ids) - 1)  # ends inside the emoji's bytes
+    assert reason == "length" and text == tok.decode(ids[:-1]) and text.endswith("\ufffd")
+    state = OutputState(SamplingParams(max_tokens=50), Detokenizer(tok, []), frozenset({0}))
+    assert "".join(state.append(t)[0] for t in ids[:-1]) == "ok "  # the partial character waits

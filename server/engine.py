@@ -1,0 +1,412 @@
+"""The engine: the resident base model, stepped in its own thread; the HTTP layer's only door to it.
+
+``submit_generate`` and ``classify`` are called from the asyncio loop. They validate (adapter exists and
+is the caller's, task, context length, sampling parameters), capture the adapter's version (its digest),
+and queue the work; they never wait on the model. The engine thread loops: reap cancellations and
+deadlines, run pending classifications as one batch, then one generate step (scheduler -> runner ->
+sampler), and delivers events back to each caller's loop with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from adapters_store.basemodels import BaseModel
+from server.classify import ClassifyStep
+from server.errors import (
+    ContextLengthExceeded,
+    DeadlineExceeded,
+    InvalidParameter,
+    QueueFull,
+    ServingError,
+    TaskMismatch,
+    Unavailable,
+    UnknownAdapter,
+)
+from server.kvcache import PagedKVCache
+from server.metrics import Metrics
+from server.requests import ClassifyJob, EventSink, GenerateEvent, GenerateParams, GenRequest, RequestHandle
+from server.residency import AdapterResidency, make_pool
+from server.runner import Chunk, ModelRunner
+from server.sampling import Detokenizer, OutputState, RowSampling, make_generator, sample
+from server.scheduler import Request, Scheduler
+
+__all__ = ["Engine", "EngineConfig", "GenerateEvent", "GenerateParams", "RequestHandle"]
+
+log = logging.getLogger("rankserve.engine")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
+    max_batch_tokens: int = 512  # tokens per step (decodes + prefill chunks)
+    max_running: int = 32
+    max_queue: int = 256
+    max_model_len: int = 2048  # prompt + max_tokens; capped by the base's max positions
+    kv_cache_bytes: int = 2 << 30
+    kv_block_size: int = 16
+    max_slots: int = 32  # device adapter slots
+    max_rank: int = 64
+    cpu_cache_bytes: int = 1 << 30
+    request_timeout_s: float = 600.0  # default deadline when the request sets none
+    slot_wait_s: float = 30.0  # longest wait for a free adapter slot before 503
+    hang_timeout_s: float = 120.0  # a step longer than this marks the engine unhealthy
+    merge_single_adapter: bool = False
+    max_classify_rows: int = 64
+    seed: int = 0
+
+    def resolve(self) -> tuple[torch.device, torch.dtype]:
+        dev = self.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype == "auto":
+            dt = torch.bfloat16 if dev == "cuda" else torch.float32
+        elif self.dtype in DTYPES:
+            dt = DTYPES[self.dtype]
+        else:
+            raise ValueError(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        return torch.device(dev), dt
+
+
+class Engine:
+    def __init__(self, base: BaseModel, store, config: EngineConfig | None = None,
+                 metrics: Metrics | None = None, pool=None):
+        self.base = base
+        self.store = store
+        self.config = cfg = config or EngineConfig()
+        self.metrics = metrics
+        self.device, self.dtype = cfg.resolve()
+        base.model.to(device=self.device, dtype=self.dtype)
+        self.tokenizer = base.tokenizer
+        self.max_model_len = min(cfg.max_model_len, base.max_positions)
+        self.pool = pool if pool is not None else make_pool(base, self.device, self.dtype, cfg.max_slots,
+                                                            cfg.max_rank, cfg.cpu_cache_bytes)
+        self.residency = AdapterResidency(self.pool, store, metrics)
+        self.cache = self.runner = None
+        kv = _NoKV()
+        if base.is_decoder:
+            self.cache = kv = _make_cache(base, cfg, self.max_model_len, self.device, self.dtype)
+            step_ctx = self.pool.step if self.pool is not None else None
+            self.runner = ModelRunner(base.model, self.cache, step_ctx)
+        self.scheduler = Scheduler(self.residency, kv, cfg.max_batch_tokens, cfg.max_running, cfg.max_queue,
+                                   cfg.slot_wait_s)
+        self.classifier = ClassifyStep(base.model, base.is_decoder, self.tokenizer, self.pool, self.residency,
+                                       self.max_model_len, cfg.max_classify_rows, cfg.slot_wait_s, self._unmerge)
+        self._eos = _eos_ids(base)
+        self._eos_tensor = torch.tensor(sorted(self._eos), dtype=torch.long)
+        self._gen = torch.Generator().manual_seed(cfg.seed)
+        self._gen_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._cancels: deque[GenRequest] = deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._draining = False
+        self._error: BaseException | None = None
+        self._busy_since: float | None = None
+        self._merged: str | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="rankserve-engine", daemon=True)
+        self._thread.start()
+
+    def drain(self, timeout: float) -> bool:
+        """Stop admitting (new submits get Unavailable); True once everything in flight has finished."""
+        self._draining = True
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self._idle() or not self.healthy:
+                break
+            time.sleep(0.01)
+        return self._idle()
+
+    def shutdown(self) -> None:
+        self._draining = True
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def healthy(self) -> bool:
+        if self._error is not None or (self._thread is not None and not self._thread.is_alive() and not self._stop):
+            return False
+        busy = self._busy_since
+        return busy is None or time.monotonic() - busy < self.config.hang_timeout_s
+
+    @property
+    def ready(self) -> bool:
+        return self._thread is not None and not self._draining and not self._stop and self.healthy
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting + len(self.classifier.jobs)
+
+    # ---- submit (any thread, typically the asyncio loop) ------------------------------------------
+    def check_capacity(self) -> None:
+        """Raise Unavailable (draining, dead) or QueueFull before the caller tokenises anything."""
+        if not self.ready:
+            why = "draining" if self._draining else ("not started" if self._thread is None else "unhealthy")
+            raise Unavailable(f"the engine is {why}", retry_after=5.0)
+        self.scheduler.check_capacity()
+
+    def submit_generate(self, params: GenerateParams) -> RequestHandle:
+        self.check_capacity()
+        if not self.base.is_decoder:
+            raise TaskMismatch(f"base model {self.base.name!r} is an encoder: it classifies, it does not generate",
+                               param="model")
+        record = self._resolve(params.adapter_id, params.owner, "generate")
+        sp = params.sampling()
+        problems = sp.validate()
+        if not params.prompt_ids:
+            problems.append("prompt is empty")
+        if problems:
+            raise InvalidParameter("; ".join(problems), param="prompt" if not params.prompt_ids else None)
+        total = len(params.prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
+                f"{total} ({len(params.prompt_ids)} in the prompt + {params.max_tokens} max_tokens)",
+                param="max_tokens")
+        rid = params.request_id or f"gen-{next(self._ids)}"
+        now = time.monotonic()
+        deadline = params.deadline if params.deadline is not None else now + self.config.request_timeout_s
+        handle = RequestHandle(rid, EventSink.for_caller(), self.cancel)
+        req = GenRequest(request_id=rid, key=record.digest if record else None, prompt_ids=list(params.prompt_ids),
+                         max_tokens=params.max_tokens, arrival=now, deadline=deadline,
+                         adapter_id=params.adapter_id, handle=handle,
+                         out=OutputState(sp, Detokenizer(self.tokenizer, params.prompt_ids), self._eos),
+                         rows=RowSampling(sp, self._generator(sp.seed)),
+                         ids=list(params.prompt_ids))
+        handle._req = req
+        self.scheduler.add(req)
+        if self.metrics is not None:
+            self.metrics.waiting.set(self.num_waiting)
+        self._wake.set()
+        return handle
+
+    async def classify(self, adapter_id: str, texts: list[str], owner: str | None = None) -> list[tuple[str, dict[str, float]]]:
+        self.check_capacity()
+        if len(self.classifier.jobs) >= self.config.max_queue:
+            raise QueueFull(f"the classification queue is full ({self.config.max_queue} calls); retry later",
+                            retry_after=self.scheduler.retry_after())
+        if adapter_id is None:
+            raise TaskMismatch("classification needs a classify adapter (it carries the head)", param="model")
+        record = self._resolve(adapter_id, owner, "classify")
+        if not texts or any(not isinstance(t, str) or not t for t in texts):
+            raise InvalidParameter("input must be a non-empty list of non-empty strings", param="input")
+        job = ClassifyJob.create(adapter_id, record.digest, list(texts), self.config.request_timeout_s)
+        self.classifier.jobs.append(job)
+        self._wake.set()
+        return await job.wait()
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        with self._gen_lock:  # several submitting threads may draw unseeded requests' seeds at once
+            return make_generator(seed, self._gen)
+
+    def cancel(self, req: GenRequest) -> None:
+        """Called by RequestHandle.cancel (any thread): the engine frees it within one step."""
+        self._cancels.append(req)
+        self._wake.set()
+
+    def _resolve(self, adapter_id: str | None, owner: str | None, task: str):
+        if adapter_id is None:
+            return None
+        try:
+            record = self.store.get(adapter_id)
+        except Exception as e:
+            if getattr(e, "http_status", None) == 404:
+                raise UnknownAdapter(f"adapter {adapter_id!r} does not exist", param="model") from None
+            raise
+        if record.owner is not None and record.owner != owner:  # another tenant's: same answer as absent
+            raise UnknownAdapter(f"adapter {adapter_id!r} does not exist", param="model")
+        if record.task != task:
+            raise TaskMismatch(f"adapter {adapter_id!r} is a {record.task} adapter; this endpoint needs {task}",
+                               param="model")
+        self.residency.check(adapter_id, record.digest)
+        return record
+
+    # ---- the engine thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop:
+                self._wake.clear()
+                self._busy_since = time.monotonic()  # a step stuck past hang_timeout_s marks us unhealthy
+                try:
+                    worked = self._iteration()
+                finally:
+                    self._busy_since = None
+                if not worked:
+                    self._wake.wait(0.05)
+        except BaseException as e:  # the engine is dead: health says so, every caller gets an error
+            self._error = e
+            log.exception("engine thread failed; health now reports unhealthy")
+        finally:
+            self._fail_everything(Unavailable("the engine stopped" if self._error is None else
+                                              f"the engine failed: {type(self._error).__name__}: {self._error}"))
+
+    def _iteration(self) -> bool:
+        self._reap()
+        worked = self.classifier.run_pending()
+        batch = self.scheduler.schedule()
+        for req, err in batch.failed:
+            self._finish(req, "error", err)  # type: ignore[arg-type]
+        if batch.chunks:
+            self._step(batch.chunks)
+            worked = True
+        self._gauges()
+        return worked
+
+    def _step(self, chunks: list[tuple[Request, int]]) -> None:
+        reqs: list[GenRequest] = [r for r, _ in chunks]  # type: ignore[misc]
+        self._maybe_merge()
+        run = [Chunk(r.seq, r.ids[r.num_computed:r.num_computed + n], r.num_computed,
+                     -1 if self._merged else r.adapter_slot) for r, n in chunks]
+        logits = self.runner.forward(run)  # type: ignore[union-attr]
+        m = self.metrics
+        if m is not None:
+            m.batch_size.observe(len(chunks))
+            m.batch_distinct_adapters.observe(len({r.key for r in reqs if r.key is not None}))
+        ready: list[tuple[GenRequest, torch.Tensor]] = []
+        for (r, n), lg in zip(chunks, logits, strict=True):
+            if r.num_computed < len(r.prompt_ids) and m is not None:
+                if r.num_computed == 0 and r.scheduled_at is not None:
+                    m.queue_time.observe(r.scheduled_at - r.arrival)
+                m.prompt_tokens.inc(min(n, len(r.prompt_ids) - r.num_computed))
+            r.num_computed += n
+            if r.num_computed == r.num_tokens:
+                ready.append((r, lg))  # type: ignore[arg-type]
+        if not ready:
+            return
+        tokens = sample(torch.stack([lg for _, lg in ready]), [r.rows for r, _ in ready], self._eos_tensor)
+        now = time.monotonic()
+        for (r, _), tok in zip(ready, tokens, strict=True):
+            r.ids.append(tok)
+            r.num_tokens += 1
+            r.rows.num_generated += 1
+            delta, reason = r.out.append(tok)
+            r.observe_token(now, m)
+            if reason is not None:
+                self._finish(r, reason, None, delta, [tok])
+            else:
+                r.handle.push(GenerateEvent(delta, [tok], None, len(r.prompt_ids), len(r.out.token_ids)))
+
+    def _maybe_merge(self) -> None:
+        """Merge mode: fold the one adapter into W0 while every running request uses it; restore the base
+        exactly (pool.unmerge) before any other batch."""
+        if self.pool is None or not self.config.merge_single_adapter:
+            return
+        keys = {r.key for r in self.scheduler.running}
+        single = next(iter(keys)) if len(keys) == 1 else None
+        if self._merged != single:
+            self._unmerge()
+        if single is not None and self._merged is None and self.pool.adapter(single).mergeable:
+            self.pool.merge(single)
+            self._merged = single
+
+    def _unmerge(self) -> None:
+        if self._merged is not None:
+            self.pool.unmerge()
+            self._merged = None
+
+    def _reap(self) -> None:
+        """Cancelled requests leave (within one step of cancel()); expired deadlines fail with 504."""
+        while self._cancels:
+            req = self._cancels.popleft()
+            if not req.done:
+                self._finish(req, "abort", None)
+        now = time.monotonic()
+        for req in list(self.scheduler.running) + self.scheduler.waiting():
+            if req.deadline is not None and now > req.deadline and not req.done:  # type: ignore[attr-defined]
+                self._finish(req, "error", DeadlineExceeded(  # type: ignore[arg-type]
+                    f"request {req.request_id} exceeded its deadline"))
+        self.classifier.reap(now)
+
+    def _finish(self, req: GenRequest, reason: str, error: ServingError | None, delta: str = "",
+                token_ids: list[int] | None = None) -> None:
+        """The one exit of a request: resources released (try/finally), then its last event."""
+        if req.done:
+            return
+        req.done = True
+        try:
+            if not self.scheduler.remove_waiting(req):
+                self.scheduler.finish(req)
+        finally:
+            m = self.metrics
+            if m is not None:
+                if reason == "abort" or isinstance(error, DeadlineExceeded):
+                    m.cancelled.inc()
+                m.request_prompt_tokens.observe(len(req.prompt_ids))
+                m.request_generation_tokens.observe(len(req.out.token_ids))
+            req.handle.push(GenerateEvent(delta, token_ids or [], reason, len(req.prompt_ids),
+                                          len(req.out.token_ids), error))
+            self._gauges()
+
+    def _fail_everything(self, err: ServingError) -> None:
+        for req in list(self.scheduler.running) + self.scheduler.waiting():
+            try:
+                self._finish(req, "error", err)  # type: ignore[arg-type]
+            except Exception:  # a dead engine must still answer every caller
+                pass
+        self.classifier.fail_all(err)
+
+    def _idle(self) -> bool:
+        return self.scheduler.num_running == 0 and self.num_waiting == 0 and not self.classifier.busy
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.running.set(self.scheduler.num_running)
+            self.metrics.waiting.set(self.num_waiting)
+            self.residency.publish()
+
+
+class _NoKV:
+    """Encoder bases generate nothing: the scheduler never admits a generate request for them."""
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        return False
+
+    def allocate(self, num_tokens: int) -> int:
+        raise RuntimeError("an encoder base has no KV cache")
+
+    def free(self, seq: int) -> None:
+        pass
+
+
+def _make_cache(base: BaseModel, cfg: EngineConfig, max_len: int, device: torch.device, dtype: torch.dtype) -> PagedKVCache:
+    c = base.model.config
+    head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    per_token = PagedKVCache.bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, head_dim, dtype)
+    tokens = min(cfg.max_running * max_len, max(cfg.kv_cache_bytes // per_token, max_len))
+    return PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, head_dim,
+                        num_blocks=-(-tokens // cfg.kv_block_size), block_size=cfg.kv_block_size,
+                        max_seqs=cfg.max_running, max_len=max_len, dtype=dtype, device=device)
+
+
+def _eos_ids(base: BaseModel) -> frozenset[int]:
+    ids = set()
+    if base.tokenizer.eos_token_id is not None:
+        ids.add(int(base.tokenizer.eos_token_id))
+    gen_cfg = getattr(base.model, "generation_config", None)
+    extra = getattr(gen_cfg, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, list | tuple):
+        ids.update(int(i) for i in extra)
+    return frozenset(ids)

@@ -1,0 +1,194 @@
+"""The engine's request types: what the HTTP layer submits, what it receives, and how events cross threads.
+
+Events are produced on the engine thread and consumed on the caller's asyncio loop: ``EventSink``
+captures that loop at submit time and delivers with ``loop.call_soon_threadsafe`` into an
+``asyncio.Queue``. A caller without a running loop (a script, a benchmark thread) gets a plain thread
+queue instead and reads with ``events_sync``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+from server.errors import DeadlineExceeded, ServingError
+from server.metrics import Metrics
+from server.sampling import OutputState, RowSampling, SamplingParams
+from server.scheduler import Request
+
+
+@dataclass
+class GenerateParams:
+    prompt_ids: list[int]
+    adapter_id: str | None = None  # None = the base model
+    owner: str | None = None  # the caller's tenant; must match the adapter's owner unless it is public
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] | tuple[str, ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    request_id: str = ""
+    deadline: float | None = None  # time.monotonic() seconds; None = the engine's request_timeout_s
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, seed=self.seed, min_tokens=self.min_tokens,
+                              ignore_eos=self.ignore_eos, stop=tuple(self.stop or ()))
+
+
+@dataclass(frozen=True)
+class GenerateEvent:
+    text_delta: str
+    token_ids: list[int]
+    finish_reason: str | None  # None while streaming; "stop" | "length" | "abort" | "error" at the end
+    prompt_tokens: int
+    completion_tokens: int
+    error: ServingError | None = None
+
+
+class EventSink:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None):
+        self.loop = loop
+        self.aq: asyncio.Queue[GenerateEvent] | None = asyncio.Queue() if loop is not None else None
+        self.tq: queue.Queue[GenerateEvent] | None = None if loop is not None else queue.Queue()
+
+    @classmethod
+    def for_caller(cls) -> EventSink:
+        try:
+            return cls(asyncio.get_running_loop())
+        except RuntimeError:
+            return cls(None)
+
+    def push(self, ev: GenerateEvent) -> bool:
+        """Engine thread. False when the caller's loop is gone (the request should then be aborted)."""
+        if self.tq is not None:
+            self.tq.put(ev)
+            return True
+        assert self.loop is not None and self.aq is not None
+        try:
+            self.loop.call_soon_threadsafe(self.aq.put_nowait, ev)
+            return True
+        except RuntimeError:  # loop closed
+            return False
+
+
+class RequestHandle:
+    def __init__(self, request_id: str, sink: EventSink, on_cancel: Callable[[GenRequest], None]):
+        self.request_id = request_id
+        self._on_cancel = on_cancel
+        self._sink = sink
+        self._req: GenRequest | None = None
+        self.finished = False
+
+    def push(self, ev: GenerateEvent) -> None:
+        if not self._sink.push(ev):
+            self.cancel()
+
+    async def events(self) -> AsyncIterator[GenerateEvent]:
+        """Events until (and including) the one with a finish_reason. Leaving early cancels the request."""
+        if self._sink.aq is None:
+            raise RuntimeError("this request was submitted outside an asyncio loop: use events_sync()")
+        try:
+            while not self.finished:
+                ev = await self._sink.aq.get()
+                self.finished = ev.finish_reason is not None
+                yield ev
+        finally:
+            if not self.finished:
+                self.cancel()
+
+    def events_sync(self, timeout: float | None = None) -> Iterator[GenerateEvent]:
+        if self._sink.tq is None:
+            raise RuntimeError("this request was submitted from an asyncio loop: use events()")
+        try:
+            while not self.finished:
+                ev = self._sink.tq.get(timeout=timeout)
+                self.finished = ev.finish_reason is not None
+                yield ev
+        finally:
+            if not self.finished:
+                self.cancel()
+
+    def cancel(self) -> None:
+        """Client gone: the engine removes the request within one step and frees its slot and pin."""
+        if self._req is not None and not self._req.done:
+            self._on_cancel(self._req)
+
+
+@dataclass(eq=False)
+class GenRequest(Request):
+    """A generate request inside the engine: scheduling state plus outputs and timings."""
+
+    adapter_id: str | None = None
+    handle: RequestHandle | None = None
+    out: OutputState | None = None
+    rows: RowSampling | None = None
+    ids: list[int] = field(default_factory=list)  # prompt + generated, the runner's token source
+    done: bool = False
+    last_token_at: float | None = None
+
+    def observe_token(self, now: float, metrics: Metrics | None) -> None:
+        if metrics is not None:
+            metrics.generation_tokens.inc()
+            if self.last_token_at is None:
+                metrics.ttft.observe(now - self.arrival)
+            else:
+                metrics.itl.observe(now - self.last_token_at)
+        self.last_token_at = now
+
+
+@dataclass(eq=False)
+class ClassifyJob:
+    """One classify call: texts for one adapter, answered through an asyncio future on the caller's loop."""
+
+    adapter_id: str
+    key: str
+    texts: list[str]
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    arrival: float = field(default_factory=time.monotonic)
+    adapter_slot: int = -1
+    pinned: bool = False
+    slot_wait_since: float | None = None
+    done: bool = False
+
+    @classmethod
+    def create(cls, adapter_id: str, key: str, texts: list[str], timeout_s: float) -> ClassifyJob:
+        loop = asyncio.get_running_loop()
+        return cls(adapter_id, key, texts, time.monotonic() + timeout_s, loop, loop.create_future())
+
+    async def wait(self) -> list[tuple[str, dict[str, float]]]:
+        try:
+            return await self.future
+        finally:
+            self.done = True  # answered, failed, or the caller went away: the engine skips it
+
+    def resolve(self, result: list[tuple[str, dict[str, float]]] | None, error: BaseException | None = None) -> None:
+        """Engine thread: settle the future on the caller's loop (ignored if the caller has gone)."""
+        self.done = True
+
+        def settle() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass
+
+    def expired(self, now: float) -> bool:
+        if now > self.deadline and not self.done:
+            self.resolve(None, DeadlineExceeded("classification exceeded its deadline"))
+            return True
+        return False

@@ -1,0 +1,113 @@
+"""Adapter residency for the scheduler: store -> pool (CPU LRU -> device slot), pinned while in use.
+
+The request captured its adapter's digest (the version) at submit; the loader given to the pool loads
+exactly that version or fails with 404 when the adapter was deleted or replaced meanwhile, so no request
+ever mixes two versions. A version that failed to load is remembered, and later requests for it fail at
+submit instead of queueing for a load that cannot succeed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from adapters_store.format import AdapterFormatError, CompiledAdapter
+from server.errors import AdapterLoadFailed, UnknownAdapter
+from server.metrics import Metrics
+from server.scheduler import AdapterBusy
+
+try:
+    from server.pool import AdapterPool, PoolExhausted
+except ImportError:  # the pool belongs to another package owner; until it exists the engine serves the base
+    AdapterPool = None  # type: ignore[assignment,misc]
+
+    class PoolExhausted(Exception):  # type: ignore[no-redef]
+        pass
+
+
+def make_pool(base, device, dtype, max_slots: int, max_rank: int, cpu_bytes: int):
+    if AdapterPool is None:
+        return None
+    pool = AdapterPool(base, device, dtype, max_slots=max_slots, max_rank=max_rank, cpu_bytes=cpu_bytes)
+    pool.install()
+    return pool
+
+
+class AdapterResidency:
+    MAX_FAILED = 1024
+
+    def __init__(self, pool, store, metrics: Metrics | None):
+        self.pool = pool
+        self.store = store
+        self.metrics = metrics
+        self.failed: OrderedDict[str, str] = OrderedDict()  # digest -> why it could not load
+        self._published: dict[tuple[str, str], float] = {}
+
+    def check(self, adapter_id: str, digest: str) -> None:
+        why = self.failed.get(digest)
+        if why is not None:
+            raise AdapterLoadFailed(f"adapter {adapter_id!r} failed to load: {why}", param="model")
+
+    def acquire(self, req) -> int:
+        """Device slot for ``req.key`` (-1 for the base); AdapterBusy when every slot is pinned."""
+        if req.key is None:
+            return -1
+        if self.pool is None:
+            raise AdapterLoadFailed("this engine runs without an adapter pool", param="model")
+        adapter_id = req.adapter_id
+        try:
+            return self.pool.acquire(req.key, self._loader(adapter_id, req.key))
+        except PoolExhausted:
+            raise AdapterBusy() from None
+        except UnknownAdapter:
+            raise
+        except Exception as e:  # a corrupt file, CUDA OOM after the pool's retry, ...
+            why = "; ".join(e.problems) if isinstance(e, AdapterFormatError) else f"{type(e).__name__}: {e}"
+            self.failed[req.key] = why
+            while len(self.failed) > self.MAX_FAILED:
+                self.failed.popitem(last=False)
+            raise AdapterLoadFailed(f"adapter {adapter_id!r} failed to load: {why}", param="model") from None
+
+    def release(self, req) -> None:
+        if req.key is not None and self.pool is not None:
+            self.pool.release(req.key)
+
+    def _loader(self, adapter_id: str, digest: str) -> Callable[[], CompiledAdapter]:
+        def load() -> CompiledAdapter:
+            start = time.monotonic()
+            ok = False
+            try:
+                try:
+                    record = self.store.get(adapter_id)
+                except Exception as e:
+                    if getattr(e, "http_status", None) == 404:
+                        raise UnknownAdapter(f"adapter {adapter_id!r} was deleted", param="model") from None
+                    raise
+                if record.digest != digest:
+                    raise UnknownAdapter(f"adapter {adapter_id!r} was replaced by another version", param="model")
+                adapter = self.store.load(adapter_id)
+                ok = True
+                return adapter
+            finally:
+                if self.metrics is not None:
+                    self.metrics.adapter_loads.labels(result="ok" if ok else "error").inc()
+                    if ok:
+                        self.metrics.adapter_load_duration.labels(source="disk").observe(time.monotonic() - start)
+
+        return load
+
+    def publish(self) -> None:
+        """Copy the pool's counters and gauges into the metrics (counters by their increase)."""
+        if self.pool is None or self.metrics is None:
+            return
+        stats = self.pool.stats
+        m = self.metrics
+        for name, counter in (("hits", m.cache_hits), ("misses", m.cache_misses), ("evictions", m.evictions)):
+            for tier, value in getattr(stats, name, {}).items():
+                last = self._published.get((name, tier), 0.0)
+                if value > last:
+                    counter.labels(tier=tier).inc(value - last)
+                    self._published[(name, tier)] = value
+        m.pool_gauges(getattr(stats, "resident", {}), getattr(stats, "resident_bytes", {}),
+                      getattr(stats, "capacity_bytes", {}))
