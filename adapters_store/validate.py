@@ -1,0 +1,176 @@
+"""Every check a compiled adapter must pass before it is stored or served; all problems in one error.
+
+Like vLLM's adapter config validation, nothing stops at the first problem: ``AdapterFormatError.problems``
+lists each offending tensor with what was expected and what was found, or the cap that was exceeded,
+so a user fixes the file in one round trip. Order of work in :func:`validate_bytes`: the size cap
+first (nothing parsed), then the container (``format.read_header`` refuses lying lengths and bad
+offsets before anything is allocated), then tensors and metadata against the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load
+
+from adapters_store.basemodels import BaseModel
+from adapters_store.format import (
+    AdapterFormatError,
+    AdapterMeta,
+    CompiledAdapter,
+    ModuleWeights,
+    from_state_dict,
+    read_header,
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on what an adapter may be; the defaults suit models up to a few billion parameters."""
+
+    max_file_bytes: int = 256 << 20
+    max_header_bytes: int = 1 << 20
+    max_rank: int = 256
+    max_experts: int = 16
+    allowed_dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def _check_tensor(name: str, t: torch.Tensor, limits: Limits, problems: list[str]) -> None:
+    """dtype allowlist, then finiteness (safetensors itself never looks at the values)."""
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in limits.allowed_dtypes:
+        problems.append(f"{name}: dtype {dtype} is not allowed (allowed: {', '.join(limits.allowed_dtypes)})")
+        return
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        problems.append(f"{name}: {bad} of {t.numel()} values are NaN or Inf")
+
+
+def _check_module(path: str, mw: ModuleWeights, base: BaseModel | None, limits: Limits,
+                  problems: list[str]) -> None:
+    for key, t in mw.tensors().items():
+        _check_tensor(f"{path}.{key}", t, limits, problems)
+    if mw.lora_a.dim() != 2:
+        problems.append(f"{path}.lora_a: expected 2 dimensions [r, d_in], got shape {_shape(mw.lora_a)}")
+        return
+    r = mw.rank
+    if r > limits.max_rank:
+        problems.append(f"{path}: rank {r} exceeds the maximum rank {limits.max_rank}")
+    n = mw.num_experts
+    if n > limits.max_experts:
+        problems.append(f"{path}: {n} experts exceed the maximum of {limits.max_experts}")
+    if base is None:
+        return
+    if path not in base.targets:
+        sample = ", ".join(sorted(base.targets)[:3])
+        problems.append(f"{path}: not a target module of base {base.name!r} (targets look like {sample}, ...)")
+        return
+    d_in, d_out = base.targets[path]
+    expected: dict[str, list[int] | None] = {
+        "lora_a": [r, d_in],
+        "lora_b": [d_out, n * r] if mw.gate is not None else [d_out, r],
+        "out_scale": [d_out],
+        "gate": [n, d_in],
+        "rank_scale": [n, r],
+    }
+    for key, t in mw.tensors().items():
+        want = expected[key]
+        if _shape(t) != want:
+            problems.append(f"{path}.{key}: shape {_shape(t)}, expected {want} (r={r}, d_in={d_in}, d_out={d_out}"
+                            + (f", experts={n})" if mw.gate is not None else ")"))
+
+
+def _check_meta(adapter: CompiledAdapter, base: BaseModel | None, limits: Limits, problems: list[str]) -> None:
+    meta = adapter.meta
+    if base is not None:
+        if meta.base_fingerprint != base.fingerprint:
+            problems.append(f"metadata base_fingerprint {meta.base_fingerprint!r} does not match base "
+                            f"{base.name!r} (fingerprint {base.fingerprint!r}): out_scale and shapes are only valid "
+                            "against the weights the adapter was built on")
+        if meta.task not in base.tasks:
+            problems.append(f"metadata task {meta.task!r}: base {base.name!r} supports only {list(base.tasks)}")
+    has_head = adapter.head_weight is not None or adapter.head_bias is not None
+    if meta.task == "generate" and has_head:
+        problems.append("head.weight/head.bias present on a generate adapter (only classify adapters carry a head)")
+    if meta.task == "classify":
+        labels = meta.labels or []
+        if not labels:
+            problems.append("metadata labels: a classify adapter needs a non-empty list of labels")
+        if adapter.head_weight is None:
+            problems.append("head.weight: missing, a classify adapter needs its head")
+        else:
+            _check_tensor("head.weight", adapter.head_weight, limits, problems)
+            hidden = base.hidden_size if base is not None else adapter.head_weight.shape[-1]
+            if labels and _shape(adapter.head_weight) != [len(labels), hidden]:
+                problems.append(f"head.weight: shape {_shape(adapter.head_weight)}, expected "
+                                f"[{len(labels)}, {hidden}] (labels x hidden size)")
+        if adapter.head_bias is not None:
+            _check_tensor("head.bias", adapter.head_bias, limits, problems)
+            if labels and _shape(adapter.head_bias) != [len(labels)]:
+                problems.append(f"head.bias: shape {_shape(adapter.head_bias)}, expected [{len(labels)}] (labels)")
+    has_gate = [p for p, mw in adapter.modules.items() if mw.gate is not None]
+    if meta.method == "mor" and len(has_gate) != len(adapter.modules):
+        missing = sorted(set(adapter.modules) - set(has_gate))
+        problems.append(f"metadata method 'mor' but modules lack gate/rank_scale: {', '.join(missing[:5])}")
+    if meta.method != "mor" and has_gate:
+        problems.append(f"metadata method {meta.method!r} but MoR gate tensors are present: {', '.join(sorted(has_gate)[:5])}")
+    if meta.ranks:
+        actual = {p: mw.rank for p, mw in adapter.modules.items()}
+        for p in sorted(set(meta.ranks) | set(actual)):
+            want, got = meta.ranks.get(p), actual.get(p)
+            if want != got and not (want == 0 and got is None):
+                problems.append(f"metadata ranks[{p!r}] is {want}, but the tensors have rank {got}")
+
+
+def check(adapter: CompiledAdapter, base: BaseModel | None, limits: Limits) -> list[str]:
+    """Every problem with an in-memory adapter; base None checks only what needs no base model."""
+    problems: list[str] = []
+    for path, mw in sorted(adapter.modules.items()):
+        _check_module(path, mw, base, limits, problems)
+    _check_meta(adapter, base, limits, problems)
+    return problems
+
+
+def validate(adapter: CompiledAdapter, base: BaseModel | None, limits: Limits | None = None) -> None:
+    """Raise one AdapterFormatError listing every problem of ``adapter`` against ``base``."""
+    problems = check(adapter, base, limits or Limits())
+    if problems:
+        raise AdapterFormatError(problems)
+
+
+def validate_bytes(data: bytes, base: BaseModel | None, limits: Limits | None = None) -> CompiledAdapter:
+    """Bytes of a compiled adapter -> CompiledAdapter, or one AdapterFormatError listing every problem."""
+    limits = limits or Limits()
+    if len(data) > limits.max_file_bytes:
+        raise AdapterFormatError(f"file is {len(data)} bytes, over the cap of {limits.max_file_bytes} bytes")
+    _, header_meta = read_header(data, limits.max_header_bytes)  # container checks; raises on its own
+    problems: list[str] = []
+    try:
+        meta: AdapterMeta | None = AdapterMeta.from_header(header_meta)
+    except AdapterFormatError as e:
+        problems.extend(e.problems)
+        meta = None
+    try:
+        sd = load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise AdapterFormatError(problems + [f"safetensors could not read the file: {e}"]) from None
+    # With broken metadata the tensors are still checked (so one error lists everything) under a
+    # stand-in meta whose own checks are skipped.
+    stand_in = AdapterMeta(method="lora", task="generate", base_model="", base_fingerprint="")
+    try:
+        adapter = from_state_dict(sd, meta or stand_in)
+    except AdapterFormatError as e:
+        raise AdapterFormatError(problems + e.problems) from None
+    if meta is None:
+        for path, mw in sorted(adapter.modules.items()):
+            _check_module(path, mw, base, limits, problems)
+    else:
+        problems.extend(check(adapter, base, limits))
+    if problems:
+        raise AdapterFormatError(problems)
+    return adapter
