@@ -1,0 +1,50 @@
+"""The batched low-rank op and its backends, chosen ONCE at start-up (``select_backend``).
+
+Semantics (DESIGN.md section 3; ``reference.reference_forward`` is the oracle), for T tokens:
+
+    for t in range(T):
+        y[t] = W0 @ x[t]                                  # computed by the caller, without bias
+        if slot[t] >= 0:
+            y[t] += B[slot[t]] @ gate(x[t], A[slot[t]] @ x[t])
+            y[t] *= g[slot[t]]
+    # the caller adds the bias afterwards (bias is outside g)
+
+A backend is a callable ``op(x [T, d_in], y [T, d_out], plan, slots) -> y`` that updates y in place.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from server.ops.buffers import ModuleSlots
+from server.plan import BatchPlan
+
+__all__ = ["LowRankOp", "ModuleSlots", "select_backend"]
+
+
+class LowRankOp(Protocol):
+    name: str
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, slots: ModuleSlots) -> torch.Tensor: ...
+
+
+def select_backend(device: torch.device | str, name: str | None = None) -> LowRankOp:
+    """``name``: None (triton on CUDA when importable, else torch), "triton", "torch", "torch-gather"."""
+    device = torch.device(device)
+    if name is None:
+        from server.ops import triton_kernels
+
+        name = "triton" if device.type == "cuda" and triton_kernels.AVAILABLE else "torch"
+    if name == "triton":
+        from server.ops.triton_kernels import TritonLowRank
+
+        return TritonLowRank()
+    from server.ops.torch_cpu import TorchLowRank
+
+    if name == "torch":
+        return TorchLowRank()
+    if name == "torch-gather":
+        return TorchLowRank("gather")
+    raise ValueError(f"low-rank backend {name!r} is not one of triton, torch, torch-gather")

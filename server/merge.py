@@ -1,0 +1,56 @@
+"""Merge mode: fold ONE adapter into the base weights, and restore the base exactly afterwards.
+
+    W = g * (W0 + B A)          adapters_store.semantics.merged_weight (fp32 math, weight dtype out)
+
+Restoring copies back a kept copy of W0 (bitwise), never subtracts: ``(W0 + BA) - BA`` is not W0 in
+floating point, and g may have rounded. MoR has an input-dependent router and is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from adapters_store.format import CompiledAdapter, ModuleWeights
+from adapters_store.semantics import merged_weight
+
+
+class NotMergeable(ValueError):
+    """The adapter has no exact merge (MoR)."""
+
+
+def merge_into(layers: Mapping[str, nn.Linear], adapter: CompiledAdapter) -> dict[str, torch.Tensor]:
+    """Overwrite the weight of every layer the adapter touches with the merged weight, in place (same
+    storage). Returns the kept copies of W0, keyed by module path, for ``restore``."""
+    mor = sorted(p for p, m in adapter.modules.items() if m.gate is not None)
+    if mor:
+        raise NotMergeable(f"{adapter.meta.method} adapter cannot be merged: modules {mor[:3]} carry a MoR router "
+                           "(gate), whose output depends on the input")
+    missing = sorted(set(adapter.modules) - set(layers))
+    if missing:
+        raise ValueError(f"cannot merge: the base has no target modules {missing[:3]}")
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for path, mw in sorted(adapter.modules.items()):
+                weight = layers[path].weight
+                saved[path] = weight.detach().clone()
+                weight.copy_(merged_weight(weight, _to(mw, weight.device)))
+    except BaseException:
+        restore(layers, saved)
+        raise
+    return saved
+
+
+def restore(layers: Mapping[str, nn.Linear], saved: Mapping[str, torch.Tensor]) -> None:
+    """Copy every kept W0 back into its layer's weight storage (bitwise exact)."""
+    with torch.no_grad():
+        for path, w0 in saved.items():
+            layers[path].weight.copy_(w0)
+
+
+def _to(mw: ModuleWeights, device: torch.device) -> ModuleWeights:
+    scale = None if mw.out_scale is None else mw.out_scale.to(device)
+    return ModuleWeights(mw.lora_a.to(device), mw.lora_b.to(device), out_scale=scale)

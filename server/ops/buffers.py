@@ -1,0 +1,100 @@
+"""The preallocated slot buffers of ONE adapted linear module (owned by the pool, read by the ops).
+
+Layout, per rank bucket ``b`` (``n_b`` slots of ``R_b`` rank rows each):
+
+    a[b]    [n_b, R_b, d_in]    lora_a rows; rows past the adapter's rank are zero
+    bt[b]   [n_b, R_b, d_out]   lora_b transposed (row k = column k of lora_b), zero past the rank
+
+Zero rows make rank padding inside a bucket exact; the buckets keep that padding small. A MoR module
+(rank r, N experts) is stored as an ordinary module of rank N*r: row ``i*r + j`` of ``a`` holds
+``lambda[i, j] * A[j]`` and column ``i*r + j`` of lora_b already matches that order, so the op only
+has to multiply row ``i*r + j`` of h by the token's router weight ``v_i`` (see ``row_expert``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adapters_store.format import ModuleWeights
+
+
+@dataclass
+class ModuleSlots:
+    d_in: int
+    d_out: int
+    a: list[torch.Tensor]  # per bucket [n_b, R_b, d_in]
+    bt: list[torch.Tensor]  # per bucket [n_b, R_b, d_out]
+    ranks: torch.Tensor  # [S] int32: this module's effective rank per global slot (0 = module absent)
+    out_scale: torch.Tensor  # [S + 1, d_out]: g per slot; ones for slots without it, row S = ones (base)
+    gate: torch.Tensor | None  # [M, E, d_in]: MoR router weights per MoR table entry, zero past N
+    gate_bias: torch.Tensor | None  # [M, E]: 0 for the adapter's N experts, -inf for padding experts
+    row_expert: torch.Tensor | None  # [M, R_max] long: expert of each rank row (i for row i*r + j)
+
+    def num_bytes(self) -> int:
+        tensors = [*self.a, *self.bt, self.ranks, self.out_scale]
+        tensors += [t for t in (self.gate, self.gate_bias, self.row_expert) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @classmethod
+    def allocate(cls, d_in: int, d_out: int, buckets: list[tuple[int, int]], mor_entries: int, max_experts: int,
+                 device: torch.device, dtype: torch.dtype) -> ModuleSlots:
+        """Zeroed buffers for ``buckets`` = [(rank R_b, slots n_b), ...] and ``mor_entries`` MoR entries."""
+        num_slots = sum(n for _, n in buckets)
+        max_rank = max(r for r, _ in buckets)
+        gate = gate_bias = row_expert = None
+        if mor_entries:
+            gate = torch.zeros(mor_entries, max_experts, d_in, device=device, dtype=dtype)
+            gate_bias = torch.full((mor_entries, max_experts), float("-inf"), device=device, dtype=dtype)
+            row_expert = torch.zeros(mor_entries, max_rank, device=device, dtype=torch.long)
+        return cls(
+            d_in, d_out,
+            a=[torch.zeros(n, r, d_in, device=device, dtype=dtype) for r, n in buckets],
+            bt=[torch.zeros(n, r, d_out, device=device, dtype=dtype) for r, n in buckets],
+            ranks=torch.zeros(num_slots, device=device, dtype=torch.int32),
+            out_scale=torch.ones(num_slots + 1, d_out, device=device, dtype=dtype),
+            gate=gate, gate_bias=gate_bias, row_expert=row_expert,
+        )
+
+    @torch.no_grad()
+    def write(self, slot: int, bucket: int, local: int, mor_entry: int, mw: ModuleWeights | None) -> None:
+        """Copy one module of an adapter into its slot (``copy_`` into the preallocated buffers, casting to
+        the pool dtype); ``mw`` None (module absent, rank 0) zeroes the slot so it contributes nothing."""
+        a, bt = self.a[bucket][local], self.bt[bucket][local]  # [R_b, d_in], [R_b, d_out]
+        if mw is None:
+            a.zero_()
+            bt.zero_()
+            self.ranks[slot] = 0
+            self.out_scale[slot].fill_(1)
+            return
+        rows = serving_rows(mw)  # [R', d_in]
+        r = rows.shape[0]
+        a[:r].copy_(rows)
+        a[r:].zero_()
+        bt[:r].copy_(mw.lora_b.T)
+        bt[r:].zero_()
+        self.ranks[slot] = r
+        if mw.out_scale is None:
+            self.out_scale[slot].fill_(1)
+        else:
+            self.out_scale[slot].copy_(mw.out_scale)
+        if mw.gate is not None:
+            assert self.gate is not None and self.gate_bias is not None and self.row_expert is not None
+            n = mw.num_experts
+            self.gate[mor_entry, :n].copy_(mw.gate)
+            self.gate[mor_entry, n:].zero_()
+            self.gate_bias[mor_entry, :n] = 0
+            self.gate_bias[mor_entry, n:] = float("-inf")
+            self.row_expert[mor_entry].zero_()
+            self.row_expert[mor_entry, :r].copy_(torch.arange(n).repeat_interleave(mw.rank))
+
+
+def serving_rows(mw: ModuleWeights) -> torch.Tensor:
+    """The rows the slot stores as A: lora_a [r, d_in], or for MoR lambda-scaled copies [N*r, d_in] in
+    lora_b's column order, so that B (v-weighted rows) equals B h' of DESIGN.md exactly in real arithmetic."""
+    if mw.gate is None:
+        return mw.lora_a
+    assert mw.rank_scale is not None
+    lam = mw.rank_scale.float()  # [N, r]
+    return (lam[:, :, None] * mw.lora_a.float()[None, :, :]).reshape(-1, mw.lora_a.shape[1])  # [N*r, d_in]

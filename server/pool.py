@@ -1,0 +1,340 @@
+"""The adapter pool: device slots grouped by rank bucket, a CPU LRU tier in front, pin/refcount.
+
+    store/loader -> CPU tier (CompiledAdapter LRU, bounded in bytes) -> device slot (copy_ into buffers)
+
+Every target linear of the base is wrapped in a ``LowRankLinear`` (``install``) that owns a view of the
+pool's preallocated buffers for that module (``server.ops.buffers.ModuleSlots``). Buckets hold
+``n_b`` slots of ``R_b`` rank rows each; an adapter goes to the smallest bucket that fits its largest
+module (MoR: N*r rows) and spills into larger buckets when those are full. ``acquire`` pins; only idle
+(unpinned) adapters are evicted, least recently used first; ``PoolExhausted`` when every fitting slot
+is pinned. The device tier is called "gpu" in the stats even on CPU, so metric names stay stable.
+
+Thread-safety: the engine thread is the only caller; a lock guards the state anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters_store.basemodels import BaseModel
+from adapters_store.format import AdapterFormatError, CompiledAdapter
+from server import merge as merging
+from server.lowrank import LowRankLinear, StepContext
+from server.ops import ModuleSlots, select_backend
+from server.plan import BatchPlan, SlotTable, build_plan
+
+TIERS = ("gpu", "cpu")
+
+
+class PoolExhausted(RuntimeError):
+    """Every slot that could hold the adapter is pinned by a running request."""
+
+
+@dataclass
+class PoolStats:
+    hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    misses: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    evictions: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    load_seconds: dict[str, float] = field(default_factory=lambda: {"loader": 0.0, "copy": 0.0})
+    resident: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    resident_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    capacity_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+
+
+@dataclass
+class _Resident:
+    adapter: CompiledAdapter
+    slot: int
+    mor_entry: int  # -1 when not MoR
+    refs: int = 0
+    forget: bool = False  # forget() was called while pinned: free at the last release
+
+
+def default_buckets(max_slots: int, max_rank: int) -> list[tuple[int, int]]:
+    """Ranks 8, 16, 32, ... up to max_rank, slots split evenly (the largest buckets kept if too few)."""
+    ranks = [r for r in (8 << i for i in range(16)) if r < max_rank] + [max_rank]
+    ranks = ranks[-max_slots:]
+    share, extra = divmod(max_slots, len(ranks))
+    return [(r, share + (1 if i < extra else 0)) for i, r in enumerate(ranks)]
+
+
+class AdapterPool:
+    def __init__(self, base: BaseModel, device: torch.device | str, dtype: torch.dtype, max_slots: int = 32,
+                 max_rank: int = 64, cpu_bytes: int = 1 << 30, buckets: list[tuple[int, int]] | None = None,
+                 mor_entries: int | None = None, max_experts: int = 8, backend: str | None = None):
+        if max_slots < 1 or max_rank < 1:
+            raise ValueError(f"max_slots ({max_slots}) and max_rank ({max_rank}) must be >= 1")
+        self.base = base
+        self.device = torch.device(device)
+        self.dtype = dtype
+        layout = buckets if buckets is not None else default_buckets(max_slots, max_rank)
+        self.buckets = sorted((r, n) for r, n in layout if n > 0)
+        self.bucket_base = [sum(n for _, n in self.buckets[:b]) for b in range(len(self.buckets))]
+        self.num_slots = sum(n for _, n in self.buckets)
+        self.max_rank = max(r for r, _ in self.buckets)
+        self.mor_entries = max(1, self.num_slots // 4) if mor_entries is None else mor_entries
+        self.max_experts = max_experts
+        self.cpu_bytes = cpu_bytes
+        self.op = select_backend(self.device, backend)
+        self.context = StepContext()
+        self.slots: dict[str, ModuleSlots] = {
+            path: ModuleSlots.allocate(d_in, d_out, self.buckets, self.mor_entries, max_experts, self.device, dtype)
+            for path, (d_in, d_out) in sorted(base.targets.items())
+        }
+        self.layers: dict[str, LowRankLinear] = {}
+        self._lock = threading.RLock()
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order: oldest first
+        self._cpu: OrderedDict[str, CompiledAdapter] = OrderedDict()
+        self._cpu_used = 0
+        self._free = [list(range(b0, b0 + n)) for b0, (_, n) in zip(self.bucket_base, self.buckets, strict=True)]
+        self._free_mor = list(range(self.mor_entries))
+        self._occupied = torch.zeros(self.num_slots, dtype=torch.bool)
+        self._scaled = torch.zeros(self.num_slots, dtype=torch.bool)
+        self._mor_index = torch.full((self.num_slots,), -1, dtype=torch.long)
+        self._merged: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._stats = PoolStats()
+        self._stats.capacity_bytes["gpu"] = sum(s.num_bytes() for s in self.slots.values())
+        self._stats.capacity_bytes["cpu"] = cpu_bytes
+
+    # ----------------------------------------------------------------- wiring
+    def install(self) -> None:
+        """Replace every target nn.Linear of the base model by a LowRankLinear (idempotent)."""
+        model = self.base.model
+        for path in self.slots:
+            layer = model.get_submodule(path)
+            if isinstance(layer, LowRankLinear):
+                self.layers[path] = layer
+                continue
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            wrapped = LowRankLinear(layer, path, self.slots[path], self.context, self.op)
+            setattr(parent, name, wrapped)
+            self.layers[path] = wrapped
+
+    # ---------------------------------------------------------------- residency
+    def acquire(self, key: str, loader: Callable[[], CompiledAdapter]) -> int:
+        """Pin the adapter ``key`` (its digest) in a device slot and return the slot."""
+        with self._lock:
+            res = self._resident.get(key)
+            if res is not None:
+                self._stats.hits["gpu"] += 1
+                res.refs += 1
+                self._resident.move_to_end(key)
+                return res.slot
+            self._stats.misses["gpu"] += 1
+            adapter = self._from_cpu(key, loader)
+            need, mor = self._check_fit(adapter)
+            slot, mor_entry = self._take_slot(need, mor)
+            start = time.perf_counter()
+            try:
+                self._write(slot, mor_entry, adapter)
+            except BaseException:
+                self._give_back(slot, mor_entry)
+                raise
+            self._stats.load_seconds["copy"] += time.perf_counter() - start
+            self._resident[key] = _Resident(adapter, slot, mor_entry, refs=1)
+            self._update_gauges()
+            return slot
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            res = self._resident.get(key)
+            if res is None or res.refs <= 0:
+                raise KeyError(f"adapter {key!r} is not pinned in the pool")
+            res.refs -= 1
+            if res.refs == 0 and res.forget:
+                self._evict(key)
+
+    def adapter(self, key: str) -> CompiledAdapter:
+        """The CPU copy of a resident or cached adapter (heads, labels, metadata)."""
+        with self._lock:
+            res = self._resident.get(key)
+            if res is not None:
+                return res.adapter
+            if key in self._cpu:
+                return self._cpu[key]
+            raise KeyError(f"adapter {key!r} is neither resident nor cached")
+
+    def slot_of(self, key: str) -> int | None:
+        with self._lock:
+            res = self._resident.get(key)
+            return None if res is None else res.slot
+
+    def forget(self, key: str) -> None:
+        """Drop ``key`` from every tier; a pinned adapter leaves at its last release."""
+        with self._lock:
+            cached = self._cpu.pop(key, None)
+            if cached is not None:
+                self._cpu_used -= cached.num_bytes()
+            res = self._resident.get(key)
+            if res is not None:
+                if res.refs == 0:
+                    self._evict(key)
+                else:
+                    res.forget = True
+            self._update_gauges()
+
+    @property
+    def stats(self) -> PoolStats:
+        with self._lock:
+            s = self._stats
+            return PoolStats(dict(s.hits), dict(s.misses), dict(s.evictions), dict(s.load_seconds),
+                             dict(s.resident), dict(s.resident_bytes), dict(s.capacity_bytes))
+
+    # --------------------------------------------------------------------- steps
+    def plan(self, token_slots: torch.Tensor) -> BatchPlan:
+        with self._lock:
+            table = SlotTable(tuple(self.bucket_base), tuple(n for _, n in self.buckets),
+                              tuple(r for r, _ in self.buckets), self._occupied, self._scaled, self._mor_index)
+            merged_slot = None if self._merged is None else self._resident[self._merged[0]].slot
+            return build_plan(token_slots, table, self.device, merged_slot)
+
+    @contextlib.contextmanager
+    def step(self, token_slots: torch.Tensor) -> Iterator[BatchPlan]:
+        """Every LowRankLinear reads this step's plan until the block exits."""
+        plan = self.plan(token_slots)
+        self.context.plan = plan
+        try:
+            yield plan
+        finally:
+            self.context.plan = None
+
+    # --------------------------------------------------------------------- merge
+    def merge(self, key: str) -> None:
+        """Fold the resident adapter ``key`` into the base weights (pinned while merged). Steps must then
+        name only its slot until ``unmerge``. MoR raises ``merge.NotMergeable``."""
+        with self._lock:
+            if self._merged is not None:
+                raise RuntimeError(f"adapter {self._merged[0]!r} is already merged: unmerge it first")
+            res = self._resident.get(key)
+            if res is None:
+                raise KeyError(f"adapter {key!r} is not resident: acquire it before merging")
+            saved = merging.merge_into(self.layers, res.adapter)
+            res.refs += 1
+            self._merged = (key, saved)
+
+    def unmerge(self) -> None:
+        """Restore W0 bitwise from the kept copies (no-op when nothing is merged)."""
+        with self._lock:
+            if self._merged is None:
+                return
+            key, saved = self._merged
+            merging.restore(self.layers, saved)
+            self._merged = None
+            self.release(key)
+
+    @property
+    def merged(self) -> str | None:
+        return None if self._merged is None else self._merged[0]
+
+    # ------------------------------------------------------------------ internals
+    def _from_cpu(self, key: str, loader: Callable[[], CompiledAdapter]) -> CompiledAdapter:
+        adapter = self._cpu.get(key)
+        if adapter is not None:
+            self._stats.hits["cpu"] += 1
+            self._cpu.move_to_end(key)
+            return adapter
+        self._stats.misses["cpu"] += 1
+        start = time.perf_counter()
+        adapter = loader()
+        self._stats.load_seconds["loader"] += time.perf_counter() - start
+        size = adapter.num_bytes()
+        if size <= self.cpu_bytes:
+            self._cpu[key] = adapter
+            self._cpu_used += size
+            while self._cpu_used > self.cpu_bytes:
+                _, old = self._cpu.popitem(last=False)
+                self._cpu_used -= old.num_bytes()
+                self._stats.evictions["cpu"] += 1
+        return adapter
+
+    def _check_fit(self, adapter: CompiledAdapter) -> tuple[int, bool]:
+        """(rank rows the slot needs, is MoR); every misfit is reported in one AdapterFormatError."""
+        problems = []
+        need = 0
+        for path, mw in sorted(adapter.modules.items()):
+            if path not in self.slots:
+                problems.append(f"module {path!r} is not a target of the base")
+                continue
+            d_in, d_out = self.slots[path].d_in, self.slots[path].d_out
+            cols = mw.rank * max(1, mw.num_experts)
+            if tuple(mw.lora_a.shape) != (mw.rank, d_in):
+                problems.append(f"{path}.lora_a has shape {tuple(mw.lora_a.shape)}, expected ({mw.rank}, {d_in})")
+            if tuple(mw.lora_b.shape) != (d_out, cols):
+                problems.append(f"{path}.lora_b has shape {tuple(mw.lora_b.shape)}, expected ({d_out}, {cols})")
+            if mw.num_experts > self.max_experts:
+                problems.append(f"{path}.gate has {mw.num_experts} experts, the pool allows {self.max_experts}")
+            need = max(need, cols)
+        if need > self.max_rank:
+            problems.append(f"adapter needs {need} rank rows per module (rank x experts), the pool's max_rank is "
+                            f"{self.max_rank}")
+        if problems:
+            raise AdapterFormatError(problems)
+        return need, not adapter.mergeable
+
+    def _take_slot(self, need: int, mor: bool) -> tuple[int, int]:
+        fits = [b for b, (r, _) in enumerate(self.buckets) if r >= need]
+        if mor and not self._free_mor:
+            victim = next((k for k, r in self._resident.items() if r.refs == 0 and r.mor_entry >= 0), None)
+            if victim is None:
+                raise PoolExhausted(f"all {self.mor_entries} MoR entries are pinned by running requests")
+            self._evict(victim)
+        slot = next((self._free[b].pop(0) for b in fits if self._free[b]), None)
+        if slot is None:
+            fit_slots = {s for b in fits for s in range(self.bucket_base[b], self.bucket_base[b] + self.buckets[b][1])}
+            victim = next((k for k, r in self._resident.items() if r.refs == 0 and r.slot in fit_slots), None)
+            if victim is None:
+                raise PoolExhausted(f"all {len(fit_slots)} slots with >= {need} rank rows are pinned by running "
+                                    "requests")
+            slot = self._resident[victim].slot
+            self._evict(victim)
+            self._free[self._bucket_of(slot)].remove(slot)
+        mor_entry = self._free_mor.pop(0) if mor else -1
+        return slot, mor_entry
+
+    def _write(self, slot: int, mor_entry: int, adapter: CompiledAdapter) -> None:
+        b = self._bucket_of(slot)
+        local = slot - self.bucket_base[b]
+        for path, module_slots in self.slots.items():
+            module_slots.write(slot, b, local, mor_entry, adapter.modules.get(path))
+        self._occupied[slot] = True
+        self._scaled[slot] = any(m.out_scale is not None for m in adapter.modules.values())
+        self._mor_index[slot] = mor_entry
+
+    def _evict(self, key: str) -> None:
+        res = self._resident.pop(key)
+        self._give_back(res.slot, res.mor_entry)
+        self._stats.evictions["gpu"] += 1
+        self._update_gauges()
+
+    def _give_back(self, slot: int, mor_entry: int) -> None:
+        # Stale rows stay in the buffers: the plan refuses unoccupied slots, and the next write overwrites.
+        self._occupied[slot] = False
+        self._scaled[slot] = False
+        self._mor_index[slot] = -1
+        self._free[self._bucket_of(slot)].append(slot)
+        if mor_entry >= 0:
+            self._free_mor.append(mor_entry)
+
+    def _bucket_of(self, slot: int) -> int:
+        return max(b for b, b0 in enumerate(self.bucket_base) if b0 <= slot)
+
+    def _update_gauges(self) -> None:
+        s = self._stats
+        s.resident["gpu"] = len(self._resident)
+        s.resident["cpu"] = len(self._cpu)
+        s.resident_bytes["cpu"] = self._cpu_used
+        s.resident_bytes["gpu"] = sum(self._slot_bytes(r.slot) for r in self._resident.values())
+
+    def _slot_bytes(self, slot: int) -> int:
+        """Device bytes one slot of this slot's bucket occupies across all modules."""
+        rank = self.buckets[self._bucket_of(slot)][0]
+        item = torch.finfo(self.dtype).bits // 8
+        return sum(rank * (s.d_in + s.d_out) * item for s in self.slots.values())

@@ -1,0 +1,132 @@
+"""The batched low-rank op (torch backends) against the reference loop, over random mixed batches.
+
+Tolerances (elementwise |op - ref| <= atol + rtol * |ref|, values of order 1): fp32 1e-5 + 1e-4,
+fp16 4e-3 + 8e-3, bf16 3e-2 + 3e-2. Both sides compute in the test dtype; they differ only in summation
+order, and for MoR in where lambda is rounded (folded into A in fp32, then cast).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from adapters_store.basemodels import BaseModel
+from adapters_store.format import AdapterMeta, CompiledAdapter, ModuleWeights
+from server.ops.reference import reference_forward
+from server.ops.torch_cpu import HAS_GROUPED_MM
+from server.plan import MergedBatchError
+from server.pool import AdapterPool
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (4e-3, 8e-3), torch.bfloat16: (3e-2, 3e-2)}
+FORMS = ("plain", "out_scale", "mor", "absent")
+BACKENDS = ["torch-gather"] + (["torch"] if HAS_GROUPED_MM else [])
+
+
+def one_linear_base(d_in: int, d_out: int, dtype: torch.dtype, seed: int) -> BaseModel:
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Module()
+    model.proj = nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        model.proj.weight.copy_(torch.randn(d_out, d_in, generator=gen) / d_in ** 0.5)
+        model.proj.bias.copy_(torch.randn(d_out, generator=gen))
+    model.to(dtype).requires_grad_(False)
+    return BaseModel("unit", "llama", model, None, "fp", ("generate",), {"proj": (d_in, d_out)})
+
+
+def module_of(form: str, rank: int, d_in: int, d_out: int, gen: torch.Generator) -> ModuleWeights | None:
+    if form == "absent" or rank == 0:
+        return None
+    if form == "mor":
+        n = int(torch.randint(1, 5, (1,), generator=gen))
+        rank = max(1, min(rank, 64 // n))
+        return ModuleWeights(torch.randn(rank, d_in, generator=gen) * 0.2,
+                             torch.randn(d_out, n * rank, generator=gen) * 0.2,
+                             gate=torch.randn(n, d_in, generator=gen),
+                             rank_scale=1 + 0.3 * torch.randn(n, rank, generator=gen))
+    scale = 1 + 0.2 * torch.randn(d_out, generator=gen) if form == "out_scale" else None
+    return ModuleWeights(torch.randn(rank, d_in, generator=gen) * 0.2, torch.randn(d_out, rank, generator=gen) * 0.2,
+                         out_scale=scale)
+
+
+def adapter_of(mw: ModuleWeights | None, form: str) -> CompiledAdapter:
+    meta = AdapterMeta(method="mor" if form == "mor" else "lora", task="generate", base_model="unit",
+                       base_fingerprint="fp")
+    return CompiledAdapter(meta, {} if mw is None else {"proj": mw})
+
+
+def check(backend: str, dtype: torch.dtype, d_in: int, d_out: int, specs: list[tuple[str, int]], T: int,
+          seed: int, shape3d: bool = False) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    base = one_linear_base(d_in, d_out, dtype, seed)
+    pool = AdapterPool(base, "cpu", dtype, buckets=[(8, 4), (16, 4), (64, 6)], mor_entries=6,
+                         backend=backend)
+    pool.install()
+    mws = [module_of(form, rank, d_in, d_out, gen) for form, rank in specs]
+    slots = [pool.acquire(f"a{i}", lambda mw=mw, f=f: adapter_of(mw, f[0]))
+             for i, (mw, f) in enumerate(zip(mws, specs, strict=True))]
+    choice = torch.randint(-1, len(slots), (T,), generator=gen)
+    token_slots = torch.tensor([-1] + slots)[choice + 1]  # [T], -1 = base
+    x = torch.randn(T, d_in, generator=gen).to(dtype)
+    layer = pool.layers["proj"]
+    with pool.step(token_slots):
+        y = layer(x.reshape(1, T, d_in)).reshape(T, d_out) if shape3d else layer(x)
+    want = reference_forward(x, layer.weight, layer.bias, token_slots, dict(zip(slots, mws, strict=True)))
+    atol, rtol = TOL[dtype]
+    err = (y.float() - want.float()).abs()
+    bound = atol + rtol * want.float().abs()
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max():.3g} ({dtype}, specs={specs}, T={T})"
+
+
+spec = st.tuples(st.sampled_from(FORMS), st.integers(0, 64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=st.lists(spec, min_size=1, max_size=6), T=st.integers(1, 512), d_in=st.integers(1, 48),
+       d_out=st.integers(1, 48), seed=st.integers(0, 2**16), shape3d=st.booleans())
+def test_op_matches_reference(backend, dtype, specs, T, d_in, d_out, seed, shape3d):
+    check(backend, dtype, d_in, d_out, specs, T, seed, shape3d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_form_in_one_batch(backend):
+    specs = [("plain", 3), ("plain", 16), ("out_scale", 8), ("mor", 4), ("absent", 0), ("plain", 64), ("mor", 16)]
+    check(backend, torch.float32, 40, 24, specs, 300, seed=7)
+
+
+def test_no_plan_or_base_only_plan_is_exactly_the_linear():
+    base = one_linear_base(12, 10, torch.float32, 0)
+    reference = nn.Linear(12, 10)
+    reference.load_state_dict(base.model.proj.state_dict())
+    pool = AdapterPool(base, "cpu", torch.float32, buckets=[(8, 2)])
+    pool.install()
+    slot = pool.acquire("a", lambda: adapter_of(module_of("plain", 4, 12, 10, torch.Generator()), "plain"))
+    x = torch.randn(5, 12)
+    assert torch.equal(pool.layers["proj"](x), reference(x))
+    with pool.step(torch.full((5,), -1)) as plan:
+        assert not plan.has_adapters
+        assert torch.equal(pool.layers["proj"](x), reference(x))
+    with pool.step(torch.tensor([slot, -1, -1, -1, -1])):
+        y = pool.layers["proj"](x)
+    assert torch.equal(y[1:], reference(x[1:]))
+    assert not torch.allclose(y[0], reference(x[:1])[0])
+
+
+def test_token_count_mismatch_and_bad_slots_are_named():
+    base = one_linear_base(6, 6, torch.float32, 0)
+    pool = AdapterPool(base, "cpu", torch.float32, buckets=[(8, 2)])
+    pool.install()
+    slot = pool.acquire("a", lambda: adapter_of(module_of("plain", 4, 6, 6, torch.Generator()), "plain"))
+    with pool.step(torch.tensor([slot, slot])), pytest.raises(ValueError, match="plan has 2"):
+        pool.layers["proj"](torch.randn(3, 6))
+    with pytest.raises(ValueError, match="hold no resident adapter"):
+        pool.plan(torch.tensor([1 - slot]))
+    with pytest.raises(ValueError, match="must be -1 or a slot"):
+        pool.plan(torch.tensor([5]))
+    pool.merge("a")
+    with pytest.raises(MergedBatchError, match="unmerge"):
+        pool.plan(torch.tensor([slot, -1]))
