@@ -1,0 +1,162 @@
+"""AdapterPool residency: buckets, LRU eviction of idle adapters only, pins, CPU tier bound, buffer reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters_store.format import AdapterFormatError
+from server.pool import AdapterPool, PoolExhausted, default_buckets
+from tests.test_ops import adapter_of, module_of, one_linear_base
+
+
+def make_pool(buckets=((8, 2), (16, 1)), cpu_bytes=1 << 20, **kw) -> AdapterPool:
+    base = one_linear_base(16, 12, torch.float32, 0)
+    pool = AdapterPool(base, "cpu", torch.float32, buckets=list(buckets), cpu_bytes=cpu_bytes, **kw)
+    pool.install()
+    return pool
+
+
+def loader(rank: int, form: str = "plain", seed: int = 0, calls: list | None = None):
+    def load():
+        if calls is not None:
+            calls.append(rank)
+        return adapter_of(module_of(form, rank, 16, 12, torch.Generator().manual_seed(seed)), form)
+    return load
+
+
+def test_default_buckets_cover_the_slots_and_the_max_rank():
+    assert default_buckets(32, 64) == [(8, 8), (16, 8), (32, 8), (64, 8)]
+    assert default_buckets(2, 64) == [(32, 1), (64, 1)]
+    assert default_buckets(5, 12) == [(8, 3), (12, 2)]
+    assert sum(n for _, n in default_buckets(7, 100)) == 7
+
+
+def test_smallest_fitting_bucket_then_spill_upward():
+    pool = make_pool()
+    assert pool.acquire("a", loader(4)) in (0, 1)
+    assert pool.acquire("b", loader(8)) in (0, 1)
+    assert pool.acquire("c", loader(3)) == 2  # bucket 8 is full: spills into the rank-16 bucket
+    with pytest.raises(PoolExhausted, match="pinned"):
+        pool.acquire("d", loader(2))
+
+
+def test_lru_evicts_only_idle_adapters():
+    pool = make_pool(buckets=[(8, 3)])
+    for key in "abc":
+        pool.acquire(key, loader(4))
+    pool.release("a")
+    pool.release("c")
+    pool.acquire("a", loader(4))  # hit: "a" becomes most recent, pinned again
+    pool.release("a")
+    slot_c = pool.slot_of("c")
+    assert pool.acquire("d", loader(4)) == slot_c  # "c" is the least recently used idle adapter
+    assert pool.slot_of("c") is None and pool.slot_of("b") is not None  # "b" is pinned: never evicted
+    stats = pool.stats
+    assert stats.evictions["gpu"] == 1 and stats.hits["gpu"] == 1 and stats.misses["gpu"] == 4
+    assert stats.resident["gpu"] == 3
+
+
+def test_exhausted_when_every_fitting_slot_is_pinned_and_recovers_after_release():
+    pool = make_pool(buckets=[(8, 1), (16, 1)])
+    pool.acquire("small", loader(4))
+    pool.acquire("big", loader(16))
+    with pytest.raises(PoolExhausted, match=">= 12 rank rows"):
+        pool.acquire("big2", loader(12))
+    pool.release("small")  # an idle rank-8 slot cannot hold rank 12
+    with pytest.raises(PoolExhausted):
+        pool.acquire("big2", loader(12))
+    pool.release("big")
+    assert pool.acquire("big2", loader(12)) == 1
+
+
+def test_release_of_unpinned_adapter_raises():
+    pool = make_pool()
+    pool.acquire("a", loader(4))
+    pool.release("a")
+    with pytest.raises(KeyError, match="not pinned"):
+        pool.release("a")
+
+
+def test_residency_reuses_preallocated_buffers():
+    pool = make_pool(buckets=[(8, 2)])
+    slots = pool.slots["proj"]
+    before = [t.data_ptr() for t in (*slots.a, *slots.bt, slots.out_scale, slots.gate)]
+    for i in range(6):
+        pool.acquire(f"k{i}", loader(1 + i, "out_scale" if i % 2 else "plain", seed=i))
+        pool.release(f"k{i}")
+    assert [t.data_ptr() for t in (*slots.a, *slots.bt, slots.out_scale, slots.gate)] == before
+    assert pool.stats.evictions["gpu"] == 4
+
+
+def test_rank_padding_and_absent_modules_contribute_nothing():
+    pool = make_pool(buckets=[(8, 1)])
+    pool.acquire("wide", loader(8, seed=1))
+    pool.release("wide")
+    slot = pool.acquire("absent", lambda: adapter_of(None, "plain"))  # evicts "wide", reuses its rows
+    x = torch.randn(3, 16)
+    layer = pool.layers["proj"]
+    with pool.step(torch.full((3,), slot)):
+        y = layer(x)
+    assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_cpu_tier_is_bounded_in_bytes_and_serves_hits():
+    one = loader(8)().num_bytes()
+    calls: list[int] = []
+    pool = make_pool(buckets=[(8, 1)], cpu_bytes=2 * one)
+    for key in ("a", "b", "c"):
+        pool.acquire(key, loader(8, calls=calls))
+        pool.release(key)
+    stats = pool.stats
+    assert stats.resident_bytes["cpu"] <= 2 * one and stats.resident["cpu"] == 2
+    assert stats.evictions["cpu"] == 1 and stats.misses["cpu"] == 3
+    pool.acquire("b", loader(8, calls=calls))  # evicted from the device, still in the CPU tier
+    assert len(calls) == 3 and pool.stats.hits["cpu"] == 1
+    pool.release("b")
+    pool.acquire("a", loader(8, calls=calls))  # gone from both tiers: loaded again
+    assert len(calls) == 4
+    assert pool.stats.capacity_bytes["cpu"] == 2 * one and pool.stats.capacity_bytes["gpu"] > 0
+
+
+def test_forget_drops_idle_now_and_pinned_at_last_release():
+    calls: list[int] = []
+    pool = make_pool(buckets=[(8, 2)])
+    pool.acquire("idle", loader(4, calls=calls))
+    pool.release("idle")
+    pool.acquire("busy", loader(4, calls=calls))
+    pool.forget("idle")
+    assert pool.slot_of("idle") is None
+    with pytest.raises(KeyError):
+        pool.adapter("idle")
+    pool.forget("busy")
+    assert pool.slot_of("busy") is not None  # pinned: stays until released
+    pool.release("busy")
+    assert pool.slot_of("busy") is None
+    pool.acquire("busy", loader(4, calls=calls))
+    assert len(calls) == 3  # forgotten from the CPU tier as well
+
+
+def test_misfits_are_reported_together_and_leave_the_pool_unchanged():
+    pool = make_pool(buckets=[(8, 1)], max_experts=2)
+    with pytest.raises(AdapterFormatError) as err:
+        pool.acquire("big", loader(12))
+    assert "max_rank is 8" in str(err.value)
+    bad = adapter_of(module_of("plain", 4, 16, 12, torch.Generator()), "plain")
+    bad.modules["elsewhere"] = bad.modules["proj"]
+    bad.modules["proj"].lora_a = torch.zeros(4, 15)
+    with pytest.raises(AdapterFormatError) as err:
+        pool.acquire("bad", lambda: bad)
+    assert len(err.value.problems) == 2 and "proj.lora_a" in str(err.value) and "'elsewhere'" in str(err.value)
+    assert pool.acquire("ok", loader(8)) == 0
+
+
+def test_mor_entries_are_a_separate_budget():
+    pool = make_pool(buckets=[(64, 3)], mor_entries=1)
+    pool.acquire("m1", loader(4, "mor", seed=1))
+    with pytest.raises(PoolExhausted, match="MoR entries"):
+        pool.acquire("m2", loader(4, "mor", seed=2))
+    pool.acquire("plain", loader(4))  # plain adapters do not need an entry
+    pool.release("m1")
+    pool.acquire("m2", loader(4, "mor", seed=2))  # evicts the idle MoR adapter for its entry
+    assert pool.slot_of("m1") is None
