@@ -1,0 +1,96 @@
+"""`rankserve serve ...` (the HTTP server) and `rankserve adapters ...` (the store's CLI).
+
+SIGTERM/SIGINT drain instead of stopping at once: readiness turns 503 immediately and new requests get
+503, while what is in flight finishes (up to --drain-timeout); then uvicorn's own shutdown runs (close
+the sockets, lifespan shutdown stops the engine) and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from types import FrameType
+
+import uvicorn
+
+from server.config import Settings, add_arguments, settings_from
+from server.logs import event, setup_logging
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state, drain_timeout: float):
+        super().__init__(config)
+        self.state = state  # server.state.ServerState
+        self.drain_timeout = drain_timeout
+        self.exit_code = 0
+        self._drain_started = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded in uvicorn's _captured_signals: it would re-raise the signal after shutdown and the
+        # process would die of SIGTERM instead of exiting 0.
+        if self._drain_started:
+            self.force_exit = self.should_exit = True
+            return
+        self._drain_started = True
+        event("drain started", signal=signal.Signals(sig).name, in_flight=self.state.inflight,
+              timeout_s=self.drain_timeout)
+        self.state.begin_drain()
+        threading.Thread(target=self._drain, name="rankserve-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        drained = self.state.wait_drained(self.drain_timeout)
+        event("drain finished" if drained else "drain timed out; exiting with requests in flight",
+              in_flight=self.state.inflight)
+        self.should_exit = True
+
+    def fail(self) -> None:
+        """Loading the runtime failed: exit non-zero so a supervisor restarts or reports it."""
+        self.exit_code = 1
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> int:
+    from server.app import create_app
+
+    setup_logging(settings.log_level)
+    holder: list[DrainingServer] = []
+    app = create_app(settings, on_load_failure=lambda: holder[0].fail())
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=2, log_level=settings.log_level.lower())
+    server = DrainingServer(config, app.state.rankserve, settings.drain_timeout)
+    holder.append(server)
+    event("starting", model=settings.model, host=settings.host, port=settings.port, store=settings.store,
+          auth=app.state.rankserve.keys.enabled)
+    server.run()
+    return server.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankserve", description="serve many low-rank adapters on one base model")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                                 description="every flag also reads RANKSERVE_<FLAG> (flags win)"))
+    sub.add_parser("adapters", help="push, list, rm, import-peft, inspect adapters (rankserve adapters --help)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "adapters":
+        from adapters_store.cli import main as adapters_main
+
+        return int(adapters_main(argv[1:]) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

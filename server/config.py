@@ -1,0 +1,160 @@
+"""Server settings: one frozen dataclass, filled from `rankserve serve` flags, then `RANKSERVE_*` env vars,
+then defaults (flags win).
+
+Every field maps to a flag `--field-name` and an env var `RANKSERVE_FIELD_NAME`. List-valued keys
+(`--api-key`, `--admin-key`, repeatable) also read the plural env vars `RANKSERVE_API_KEYS` and
+`RANKSERVE_ADMIN_KEYS`: comma-separated `KEY` or `KEY:TENANT` entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from server.engine import EngineConfig
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "smollm2"
+    served_model_name: str | None = None  # the base's id in /v1/models and `model`; default: the --model value
+    store: str = "adapters"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()  # inference keys, each "KEY" or "KEY:TENANT"
+    admin_keys: tuple[str, ...] = ()  # admin keys (upload, delete), same syntax; no tenant = global admin
+    device: str = "auto"
+    dtype: str = "auto"
+    max_queue: int = 256
+    max_running: int = 32
+    max_batch_tokens: int = 512
+    max_slots: int = 32
+    max_rank: int = 64
+    max_model_len: int = 2048
+    max_upload_bytes: int = 256 * MiB
+    max_body_bytes: int = 2 * MiB  # JSON request bodies
+    request_timeout: float = 600.0  # seconds from arrival to the last token
+    drain_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
+    rate_limit: float = 0.0  # requests per second per key (token bucket); 0 = off
+    rate_burst: int = 0  # bucket size; 0 = max(1, rate_limit)
+    merge: bool = False  # fold the single running adapter into W0 (merge mode)
+    demo_adapters: bool = False
+    log_level: str = "info"
+
+    @property
+    def base_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(device=self.device, dtype=self.dtype, max_batch_tokens=self.max_batch_tokens,
+                            max_running=self.max_running, max_queue=self.max_queue,
+                            max_model_len=self.max_model_len, max_slots=self.max_slots, max_rank=self.max_rank,
+                            request_timeout_s=self.request_timeout, merge_single_adapter=self.merge)
+
+
+_HELP = {
+    "model": "smollm2 | minilm | tiny-llama | tiny-bert | a local Hugging Face directory",
+    "served_model_name": "the base model's id in the API (default: the --model value)",
+    "store": "adapter store directory",
+    "api_keys": "inference key, KEY or KEY:TENANT (repeatable; env RANKSERVE_API_KEYS, comma-separated)",
+    "admin_keys": "admin key for uploads and deletes, KEY or KEY:TENANT (repeatable; env RANKSERVE_ADMIN_KEYS)",
+    "device": "auto | cpu | cuda",
+    "dtype": "auto | float32 | bfloat16 | float16",
+    "max_queue": "waiting requests before 429",
+    "max_running": "requests in the running batch",
+    "max_batch_tokens": "tokens per engine step",
+    "max_slots": "device adapter slots",
+    "max_rank": "largest adapter rank accepted",
+    "max_model_len": "prompt + max_tokens limit (capped by the base model)",
+    "max_upload_bytes": "adapter upload cap, enforced while streaming (413)",
+    "max_body_bytes": "JSON request body cap (413)",
+    "request_timeout": "seconds before a request fails with 504",
+    "drain_timeout": "seconds in-flight requests get to finish after SIGTERM",
+    "rate_limit": "requests per second per API key (0 = off)",
+    "rate_burst": "rate-limit bucket size (default max(1, rate))",
+    "merge": "merge the single running adapter into the base weights",
+    "demo_adapters": "put two synthetic demo adapters into the store at start if absent",
+    "log_level": "debug | info | warning | error",
+}
+_LISTS = {"api_keys": "api_key", "admin_keys": "admin_key"}  # field -> singular flag / env name
+
+
+def _flag(name: str) -> str:
+    return "--" + _LISTS.get(name, name).replace("_", "-")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    for f in fields(Settings):
+        if f.name in _LISTS:
+            p.add_argument(_flag(f.name), dest=f.name, action="append", default=None, help=_HELP[f.name])
+        elif f.type == "bool":
+            p.add_argument(_flag(f.name), dest=f.name, action="store_true", default=None, help=_HELP.get(f.name))
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, help=_HELP.get(f.name))
+
+
+def _split_keys(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
+def _from_env(f, env: dict[str, str]) -> Any:
+    if f.name in _LISTS:
+        keys = []
+        for var in ("RANKSERVE_" + f.name.upper(), "RANKSERVE_" + _LISTS[f.name].upper()):
+            keys += _split_keys(env.get(var, ""))
+        return tuple(keys) if keys else None
+    raw = env.get("RANKSERVE_" + f.name.upper())
+    if raw is None or raw == "":
+        return None
+    if f.type == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"RANKSERVE_{f.name.upper()}={raw!r}: expected true/false")
+    kind = {"int": int, "float": float}.get(str(f.type), str)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"RANKSERVE_{f.name.upper()}={raw!r}: expected {kind.__name__}") from None
+
+
+def settings_from(args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Flags win over env vars, env vars over defaults; then the values are checked."""
+    env = dict(os.environ) if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        flag = getattr(args, f.name, None) if args is not None else None
+        if f.name in _LISTS and flag is not None:
+            flag = tuple(k for v in flag for k in _split_keys(v))
+        value = flag if flag is not None else _from_env(f, env)
+        if value is not None:
+            values[f.name] = value
+    s = Settings(**values)
+    check(s)
+    return s
+
+
+def check(s: Settings) -> None:
+    problems = []
+    for name in ("port", "max_queue", "max_running", "max_batch_tokens", "max_slots", "max_rank", "max_model_len",
+                 "max_upload_bytes", "max_body_bytes"):
+        if getattr(s, name) < (0 if name == "port" else 1):
+            problems.append(f"{_flag(name)} must be positive, got {getattr(s, name)}")
+    for name in ("request_timeout", "drain_timeout"):
+        if getattr(s, name) <= 0:
+            problems.append(f"{_flag(name)} must be > 0 seconds, got {getattr(s, name)}")
+    if s.rate_limit < 0 or s.rate_burst < 0:
+        problems.append("--rate-limit and --rate-burst must be >= 0")
+    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
+        problems.append(f"--log-level {s.log_level!r} is not one of debug, info, warning, error")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+__all__ = ["Settings", "add_arguments", "settings_from"]
