@@ -8,7 +8,6 @@ applied to its own rows.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -119,9 +118,8 @@ class ClassifyStep:
         for b, e in enumerate(encoded):
             ids[b, :len(e)] = torch.tensor(e)
             mask[b, :len(e)] = 1
-        token_slots = torch.tensor(slots)[:, None].expand(B, L).reshape(-1).to(dev)  # [B*L], row-major
-        ctx = self.pool.step(token_slots) if self.pool is not None else contextlib.nullcontext()
-        with ctx:
+        token_slots = torch.tensor(slots)[:, None].expand(B, L).reshape(-1)  # [B*L] row-major, on the host
+        with self.pool.step(token_slots):
             hidden = pooled_hidden(self.model, self.is_decoder, ids.to(dev), mask.to(dev), poolings)  # [B, d]
         results: list[Result | ServingError] = []
         row = 0

@@ -32,6 +32,7 @@ from server.errors import (
 )
 from server.kvcache import PagedKVCache
 from server.metrics import Metrics
+from server.pool import AdapterPool
 from server.requests import ClassifyJob, EventSink, GenerateEvent, GenerateParams, GenRequest, RequestHandle
 from server.residency import AdapterResidency, make_pool
 from server.runner import Chunk, ModelRunner
@@ -79,7 +80,7 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, base: BaseModel, store, config: EngineConfig | None = None,
-                 metrics: Metrics | None = None, pool=None):
+                 metrics: Metrics | None = None, pool: AdapterPool | None = None):
         self.base = base
         self.store = store
         self.config = cfg = config or EngineConfig()
@@ -95,8 +96,7 @@ class Engine:
         kv = _NoKV()
         if base.is_decoder:
             self.cache = kv = _make_cache(base, cfg, self.max_model_len, self.device, self.dtype)
-            step_ctx = self.pool.step if self.pool is not None else None
-            self.runner = ModelRunner(base.model, self.cache, step_ctx)
+            self.runner = ModelRunner(base.model, self.cache, self.pool.step)
         self.scheduler = Scheduler(self.residency, kv, cfg.max_batch_tokens, cfg.max_running, cfg.max_queue,
                                    cfg.slot_wait_s)
         self.classifier = ClassifyStep(base.model, base.is_decoder, self.tokenizer, self.pool, self.residency,
@@ -107,6 +107,7 @@ class Engine:
         self._gen_lock = threading.Lock()
         self._ids = itertools.count()
         self._cancels: deque[GenRequest] = deque()
+        self._forgets: deque[str] = deque()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -220,6 +221,12 @@ class Engine:
         with self._gen_lock:  # several submitting threads may draw unseeded requests' seeds at once
             return make_generator(seed, self._gen)
 
+    def forget_adapter(self, digest: str) -> None:
+        """After a delete: drop that version from the pool's tiers once no running request pins it
+        (any thread; done on the engine thread). Running requests finish with the version they pinned."""
+        self._forgets.append(digest)
+        self._wake.set()
+
     def cancel(self, req: GenRequest) -> None:
         """Called by RequestHandle.cancel (any thread): the engine frees it within one step."""
         self._cancels.append(req)
@@ -276,8 +283,8 @@ class Engine:
     def _step(self, chunks: list[tuple[Request, int]]) -> None:
         reqs: list[GenRequest] = [r for r, _ in chunks]  # type: ignore[misc]
         self._maybe_merge()
-        run = [Chunk(r.seq, r.ids[r.num_computed:r.num_computed + n], r.num_computed,
-                     -1 if self._merged else r.adapter_slot) for r, n in chunks]
+        run = [Chunk(r.seq, r.ids[r.num_computed:r.num_computed + n], r.num_computed, r.adapter_slot)
+               for r, n in chunks]
         logits = self.runner.forward(run)  # type: ignore[union-attr]
         m = self.metrics
         if m is not None:
@@ -310,7 +317,7 @@ class Engine:
     def _maybe_merge(self) -> None:
         """Merge mode: fold the one adapter into W0 while every running request uses it; restore the base
         exactly (pool.unmerge) before any other batch."""
-        if self.pool is None or not self.config.merge_single_adapter:
+        if not self.config.merge_single_adapter:
             return
         keys = {r.key for r in self.scheduler.running}
         single = next(iter(keys)) if len(keys) == 1 else None
@@ -331,6 +338,8 @@ class Engine:
             req = self._cancels.popleft()
             if not req.done:
                 self._finish(req, "abort", None)
+        while self._forgets:
+            self.pool.forget(self._forgets.popleft())
         now = time.monotonic()
         for req in list(self.scheduler.running) + self.scheduler.waiting():
             if req.deadline is not None and now > req.deadline and not req.done:  # type: ignore[attr-defined]

@@ -15,20 +15,11 @@ from collections.abc import Callable
 from adapters_store.format import AdapterFormatError, CompiledAdapter
 from server.errors import AdapterLoadFailed, UnknownAdapter
 from server.metrics import Metrics
+from server.pool import AdapterPool, PoolExhausted
 from server.scheduler import AdapterBusy
 
-try:
-    from server.pool import AdapterPool, PoolExhausted
-except ImportError:  # the pool belongs to another package owner; until it exists the engine serves the base
-    AdapterPool = None  # type: ignore[assignment,misc]
 
-    class PoolExhausted(Exception):  # type: ignore[no-redef]
-        pass
-
-
-def make_pool(base, device, dtype, max_slots: int, max_rank: int, cpu_bytes: int):
-    if AdapterPool is None:
-        return None
+def make_pool(base, device, dtype, max_slots: int, max_rank: int, cpu_bytes: int) -> AdapterPool:
     pool = AdapterPool(base, device, dtype, max_slots=max_slots, max_rank=max_rank, cpu_bytes=cpu_bytes)
     pool.install()
     return pool
@@ -53,29 +44,33 @@ class AdapterResidency:
         """Device slot for ``req.key`` (-1 for the base); AdapterBusy when every slot is pinned."""
         if req.key is None:
             return -1
-        if self.pool is None:
-            raise AdapterLoadFailed("this engine runs without an adapter pool", param="model")
         adapter_id = req.adapter_id
+        cold = self.pool.slot_of(req.key) is None
+        loaded: list[bool] = []
+        start = time.monotonic()
         try:
-            return self.pool.acquire(req.key, self._loader(adapter_id, req.key))
+            slot = self.pool.acquire(req.key, self._loader(adapter_id, req.key, loaded))
         except PoolExhausted:
             raise AdapterBusy() from None
         except UnknownAdapter:
             raise
-        except Exception as e:  # a corrupt file, CUDA OOM after the pool's retry, ...
+        except Exception as e:  # a corrupt file, a misfit for the pool, CUDA OOM after the pool's retry, ...
             why = "; ".join(e.problems) if isinstance(e, AdapterFormatError) else f"{type(e).__name__}: {e}"
             self.failed[req.key] = why
             while len(self.failed) > self.MAX_FAILED:
                 self.failed.popitem(last=False)
             raise AdapterLoadFailed(f"adapter {adapter_id!r} failed to load: {why}", param="model") from None
+        if cold and self.metrics is not None:  # made resident now: from the store (disk) or the CPU tier
+            source = "disk" if loaded else "cpu"
+            self.metrics.adapter_load_duration.labels(source=source).observe(time.monotonic() - start)
+        return slot
 
     def release(self, req) -> None:
-        if req.key is not None and self.pool is not None:
+        if req.key is not None:
             self.pool.release(req.key)
 
-    def _loader(self, adapter_id: str, digest: str) -> Callable[[], CompiledAdapter]:
+    def _loader(self, adapter_id: str, digest: str, loaded: list[bool]) -> Callable[[], CompiledAdapter]:
         def load() -> CompiledAdapter:
-            start = time.monotonic()
             ok = False
             try:
                 try:
@@ -88,26 +83,24 @@ class AdapterResidency:
                     raise UnknownAdapter(f"adapter {adapter_id!r} was replaced by another version", param="model")
                 adapter = self.store.load(adapter_id)
                 ok = True
+                loaded.append(True)
                 return adapter
             finally:
                 if self.metrics is not None:
                     self.metrics.adapter_loads.labels(result="ok" if ok else "error").inc()
-                    if ok:
-                        self.metrics.adapter_load_duration.labels(source="disk").observe(time.monotonic() - start)
 
         return load
 
     def publish(self) -> None:
         """Copy the pool's counters and gauges into the metrics (counters by their increase)."""
-        if self.pool is None or self.metrics is None:
+        if self.metrics is None:
             return
         stats = self.pool.stats
         m = self.metrics
         for name, counter in (("hits", m.cache_hits), ("misses", m.cache_misses), ("evictions", m.evictions)):
-            for tier, value in getattr(stats, name, {}).items():
+            for tier, value in getattr(stats, name).items():
                 last = self._published.get((name, tier), 0.0)
                 if value > last:
                     counter.labels(tier=tier).inc(value - last)
                     self._published[(name, tier)] = value
-        m.pool_gauges(getattr(stats, "resident", {}), getattr(stats, "resident_bytes", {}),
-                      getattr(stats, "capacity_bytes", {}))
+        m.pool_gauges(stats.resident, stats.resident_bytes, stats.capacity_bytes)

@@ -78,12 +78,12 @@ class ModelRunner:
             slots.extend([c.adapter_slot] * n)
         dev = self.device
         # One host->device transfer of the step's metadata: [4, T]
-        meta = torch.tensor([ids, positions, seqs, slots], dtype=torch.long).to(dev, non_blocking=True)
-        ids_t, pos_t, seq_t, slot_t = meta
+        host = torch.tensor([ids, positions, seqs, slots], dtype=torch.long)
+        ids_t, pos_t, seq_t, _ = host.to(dev, non_blocking=True)
         write_rows = self.cache.row_table[seq_t, pos_t]  # [T]
 
         attn = _AttentionPlan(self, ordered, num_decode)
-        with self.step_context(slot_t):
+        with self.step_context(host[3]):  # the pool plans from host slots: no device sync
             hidden = self._layers(ids_t, pos_t, write_rows, attn)  # [T, d], before the final norm
             bounds = [0]
             for c in ordered:
