@@ -43,6 +43,8 @@ class BucketPlan:
 
     bucket: int  # index into the pool's buckets (and into ModuleSlots.a / .bt)
     rank: int  # rank rows per slot of this bucket (the padded width of h)
+    slot_base: int  # global slot of the bucket's local slot 0
+    max_segment: int  # host int: most tokens of one slot in this bucket (kernel grid size)
     start: int  # host int: first position of this bucket's tokens in ``BatchPlan.order``
     stop: int  # host int: one past the last position
     offs: torch.Tensor  # [n_b] int32: cumulative token count per local slot (grouped-GEMM offsets)
@@ -115,7 +117,7 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
         parts = [cnt.cumsum(0), bslots - base, seg_starts, used]
         if mor_rows.numel():
             parts += [mor_rows, mor[mor_rows]]
-        specs.append((b, rank, pos, pos + n, bool(mor_rows.numel())))
+        specs.append((b, rank, base, int(cnt.max()), pos, pos + n, bool(mor_rows.numel())))
         pieces += parts
         pos += n
     scaled = table.scaled[sorted_slots]
@@ -126,14 +128,14 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
     views = list(torch.split(packed, [p.numel() for p in pieces]))
     dev_order = views.pop(0)
     buckets = []
-    for b, rank, start, stop, has_mor in specs:
+    for b, rank, base, longest, start, stop, has_mor in specs:
         offs, local, seg_starts, used = views[:4]
         del views[:4]
         mor_rows = mor_index = None
         if has_mor:
             mor_rows, mor_index = views[:2]
             del views[:2]
-        buckets.append(BucketPlan(b, rank, start, stop, offs.to(torch.int32), local,
+        buckets.append(BucketPlan(b, rank, base, longest, start, stop, offs.to(torch.int32), local,
                                   seg_starts.to(torch.int32), used.to(torch.int32), mor_rows, mor_index))
     scale_rows = views.pop(0) if views else None
     return BatchPlan(T, dev_slots, dev_order, tuple(buckets), scale_rows)

@@ -58,10 +58,11 @@ def adapter_of(mw: ModuleWeights | None, form: str) -> CompiledAdapter:
 
 
 def check(backend: str, dtype: torch.dtype, d_in: int, d_out: int, specs: list[tuple[str, int]], T: int,
-          seed: int, shape3d: bool = False) -> None:
+          seed: int, shape3d: bool = False, device: str = "cpu") -> None:
     gen = torch.Generator().manual_seed(seed)
     base = one_linear_base(d_in, d_out, dtype, seed)
-    pool = AdapterPool(base, "cpu", dtype, buckets=[(8, 4), (16, 4), (64, 6)], mor_entries=6,
+    base.model.to(device)
+    pool = AdapterPool(base, device, dtype, buckets=[(8, 4), (16, 4), (64, 6)], mor_entries=6,
                          backend=backend)
     pool.install()
     mws = [module_of(form, rank, d_in, d_out, gen) for form, rank in specs]
@@ -69,13 +70,14 @@ def check(backend: str, dtype: torch.dtype, d_in: int, d_out: int, specs: list[t
              for i, (mw, f) in enumerate(zip(mws, specs, strict=True))]
     choice = torch.randint(-1, len(slots), (T,), generator=gen)
     token_slots = torch.tensor([-1] + slots)[choice + 1]  # [T], -1 = base
-    x = torch.randn(T, d_in, generator=gen).to(dtype)
+    x = torch.randn(T, d_in, generator=gen).to(device, dtype)
     layer = pool.layers["proj"]
     with pool.step(token_slots):
         y = layer(x.reshape(1, T, d_in)).reshape(T, d_out) if shape3d else layer(x)
-    want = reference_forward(x, layer.weight, layer.bias, token_slots, dict(zip(slots, mws, strict=True)))
+    want = reference_forward(x.cpu(), layer.weight.cpu(), layer.bias.cpu(), token_slots,
+                             dict(zip(slots, mws, strict=True)))
     atol, rtol = TOL[dtype]
-    err = (y.float() - want.float()).abs()
+    err = (y.cpu().float() - want.float()).abs()
     bound = atol + rtol * want.float().abs()
     assert bool((err <= bound).all()), f"max excess {(err - bound).max():.3g} ({dtype}, specs={specs}, T={T})"
 

@@ -14,6 +14,7 @@ A backend is a callable ``op(x [T, d_in], y [T, d_out], plan, slots) -> y`` that
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Protocol
 
 import torch
@@ -34,9 +35,8 @@ def select_backend(device: torch.device | str, name: str | None = None) -> LowRa
     """``name``: None (triton on CUDA when importable, else torch), "triton", "torch", "torch-gather"."""
     device = torch.device(device)
     if name is None:
-        from server.ops import triton_kernels
-
-        name = "triton" if device.type == "cuda" and triton_kernels.AVAILABLE else "torch"
+        # find_spec, not an import: the kernels are only defined (jit-decorated) when triton is chosen
+        name = "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
     if name == "triton":
         from server.ops.triton_kernels import TritonLowRank
 

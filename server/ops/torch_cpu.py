@@ -55,7 +55,7 @@ class TorchLowRank:
                 xb = xs[bp.start:bp.stop]  # [n, d_in]
                 h = self._shrink(xb, slots.a[bp.bucket], bp)  # [n, R]
                 if bp.mor_rows is not None:
-                    h = route(h, xb, bp, slots)
+                    h = route(h, xb.index_select(0, bp.mor_rows), bp, slots)
                 delta = self._expand(h, slots.bt[bp.bucket], bp)  # [n, d_out]
                 y.index_add_(0, plan.order[bp.start:bp.stop], delta)
         if plan.scale_rows is not None:
@@ -73,11 +73,11 @@ class TorchLowRank:
         return torch.bmm(h.unsqueeze(1), bt.index_select(0, bp.local_slots)).squeeze(1)  # [n, 1, R] @ [n, R, d]
 
 
-def route(h: torch.Tensor, xb: torch.Tensor, bp: BucketPlan, slots: ModuleSlots) -> torch.Tensor:
-    """MoR: multiply rank row i*r + j of h by v_i = softmax(G x)_i for the bucket's MoR tokens."""
+def route(h: torch.Tensor, xm: torch.Tensor, bp: BucketPlan, slots: ModuleSlots) -> torch.Tensor:
+    """MoR: multiply rank row i*r + j of h [n, R] by v_i = softmax(G x)_i for the bucket's MoR tokens,
+    whose activations are ``xm`` [m, d_in] (rows ``bp.mor_rows`` of the bucket)."""
     assert bp.mor_rows is not None and bp.mor_index is not None
     assert slots.gate is not None and slots.gate_bias is not None and slots.row_expert is not None
-    xm = xb.index_select(0, bp.mor_rows)  # [m, d_in]
     gate = slots.gate.index_select(0, bp.mor_index)  # [m, E, d_in]: E is small (router experts)
     logits = torch.bmm(gate, xm.unsqueeze(2)).squeeze(2)  # [m, E]
     v = torch.softmax(logits + slots.gate_bias.index_select(0, bp.mor_index), dim=-1)  # [m, E]
