@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from adapters_store.store import AdapterExists, check_id
 from server.auth import PermissionDenied, Principal
 from server.deps import ERROR_RESPONSES, admin_principal, get_state, inference_principal
 from server.errors import BadRequest, InvalidParameter, UnknownAdapter
@@ -62,22 +63,41 @@ def _labels(upload: Upload) -> list[str] | None:
     return labels
 
 
+def _chunks(path, size: int = 1 << 20):
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
 def _register(state: ServerState, adapter_id: str, upload: Upload, owner: str | None):
     """Threadpool: PEFT conversion or compiled bytes -> validated against the base -> the store's atomic put."""
     rt = state.require()
     files = {f.filename: f for f in upload.files}
     if set(files) == {CONFIG, WEIGHTS}:
-        from adapters_store.peft_import import import_peft
+        return rt.store.put_peft(adapter_id, {n: f.read() for n, f in files.items()}, rt.base, owner=owner,
+                                 labels=_labels(upload))
+    if len(upload.files) == 1 and upload.files[0].filename.endswith(".safetensors"):
+        return rt.store.put_stream(adapter_id, _chunks(upload.files[0].path), owner=owner, base=rt.base)
+    names = sorted(f.filename for f in upload.files) or "none"
+    raise InvalidParameter(f"files: got {names}; expected one compiled *.safetensors, or the PEFT pair "
+                           f"{CONFIG} + {WEIGHTS}", param="files")
 
-        adapter = import_peft({n: f.read() for n, f in files.items()}, rt.base, rt.store.limits, _labels(upload))
-        data = adapter.to_bytes()
-    elif len(upload.files) == 1 and upload.files[0].filename.endswith(".safetensors"):
-        data = upload.files[0].read()
-    else:
-        names = sorted(f.filename for f in upload.files) or "none"
-        raise InvalidParameter(f"files: got {names}; expected one compiled *.safetensors, or the PEFT pair "
-                               f"{CONFIG} + {WEIGHTS}", param="files")
-    return rt.store.put(adapter_id, data, owner=owner, base=rt.base)
+
+def _early_checks(state: ServerState):
+    """Run on each form field as soon as it is complete, before the files that follow it are streamed."""
+
+    def check(name: str, value: str) -> None:
+        if name != "adapter_id":
+            return
+        adapter_id = value.strip()
+        if adapter_id in (state.settings.base_name, state.settings.model):
+            raise BadRequest(f"adapter_id {adapter_id!r} is the base model's name", param="adapter_id")
+        store = state.require().store
+        check_id(adapter_id)
+        if adapter_id in store:
+            raise AdapterExists(f"adapter {adapter_id!r} already exists; delete it first")
+
+    return check
 
 
 @router.post("/v1/adapters", status_code=201, responses=ERROR_RESPONSES | {415: {}, 409: {}},
@@ -93,7 +113,8 @@ async def upload_adapter(request: Request, principal: Principal = Depends(admin_
     state.require()
     try:
         try:
-            upload = await receive_upload(request, state.settings.max_upload_bytes, state.upload_dir)
+            upload = await receive_upload(request, state.settings.max_upload_bytes, state.upload_dir,
+                                          _early_checks(state))
         except ClientGone:
             metrics.adapter_uploads.labels(result="aborted").inc()
             event("upload aborted: client disconnected", logging.WARNING)
@@ -102,8 +123,6 @@ async def upload_adapter(request: Request, principal: Principal = Depends(admin_
             adapter_id = upload.fields.get("adapter_id", "").strip()
             if not adapter_id:
                 raise InvalidParameter("adapter_id: a form field naming the adapter is required", param="adapter_id")
-            if adapter_id in (state.settings.base_name, state.settings.model):
-                raise BadRequest(f"adapter_id {adapter_id!r} is the base model's name", param="adapter_id")
             record = await run_in_threadpool(_register, state, adapter_id, upload, _owner_of(principal))
         finally:
             upload.cleanup()
@@ -138,7 +157,9 @@ async def delete_adapter(adapter_id: str, request: Request, principal: Principal
         record = _visible(state, adapter_id, principal)
         if principal.tenant is not None and record.owner != principal.tenant:
             raise PermissionDenied(f"adapter {adapter_id!r} is public; only a global admin key deletes it")
-        state.require().store.delete(adapter_id)
+        rt = state.require()
+        rt.store.delete(adapter_id)
+        rt.engine.forget_adapter(record.digest)  # running requests keep their pinned version
 
     await run_in_threadpool(delete)
     event("adapter deleted", adapter_id=adapter_id)

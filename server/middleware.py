@@ -30,6 +30,9 @@ from server.metrics import Metrics
 PROBES = frozenset({"/health", "/ready", "/metrics"})
 OPEN_PATHS = PROBES | {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
 UPLOAD_ROUTE = ("POST", "/v1/adapters")  # streams its own body under --max-upload-bytes
+_STORE_PARAMS = {"InvalidAdapterId": "adapter_id", "AdapterExists": "adapter_id", "AdapterNotFound": "adapter_id",
+                 "InvalidAdapter": "files", "AdapterTooLarge": "files", "PickleRefused": "files"}
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[a-z]+\[.*\]|function-.*|[A-Z]\w*)$")  # pydantic's union branch names
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _STATUS_CODES = {400: "bad_request", 401: "invalid_api_key", 403: "insufficient_permissions", 404: "not_found",
                  405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
@@ -62,7 +65,8 @@ def describe_error(exc: BaseException) -> tuple[int, dict, float | None]:
     code = getattr(exc, "code", None)
     if not isinstance(code, str):
         code = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
-    return status, error_payload(status, message, getattr(exc, "param", None), code), getattr(exc, "retry_after", None)
+    param = getattr(exc, "param", None) or _STORE_PARAMS.get(type(exc).__name__)
+    return status, error_payload(status, message, param, code), getattr(exc, "retry_after", None)
 
 
 def reject_reason(exc: BaseException, status: int) -> str | None:
@@ -105,7 +109,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         errors = exc.errors()
         parts, param = [], None
         for e in errors:
-            loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path")]
+            loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path") and not _UNION_TAG.match(str(x))]
             if e.get("type") == "json_invalid":
                 parts.append(f"malformed JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
                 continue
@@ -114,7 +118,9 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             if not name and re.match(r"^[a-z_]+: ", msg):  # model validators name their field first
                 name = msg.split(":", 1)[0]
             param = param or name or None
-            parts.append(f"{name}: {msg}" if name and not msg.startswith(name + ":") else msg)
+            part = f"{name}: {msg}" if name and not msg.startswith(name + ":") else msg
+            if part not in parts:
+                parts.append(part)
         metrics.rejected.labels(reason="validation").inc()
         return json_error(422, error_payload(422, "; ".join(parts) or "invalid request", param, "invalid_parameter"))
 

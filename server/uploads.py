@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,8 +84,9 @@ class _Parts:
     """python-multipart callbacks -> fields and spooled files. Disk writes are queued as (file, bytes)
     and flushed from a threadpool after each network chunk."""
 
-    def __init__(self, tmp_dir: Path, upload: Upload):
+    def __init__(self, tmp_dir: Path, upload: Upload, check_field: Callable[[str, str], None] | None):
         self.tmp_dir = tmp_dir
+        self.check_field = check_field
         self.upload = upload
         self.pending: list[tuple[SpooledFile, bytes]] = []
         self.ended = False
@@ -153,7 +155,10 @@ class _Parts:
 
     def part_end(self) -> None:
         if self._file is None:
-            self.upload.fields[self._name] = self._value.decode("utf-8", "replace")
+            value = self._value.decode("utf-8", "replace")
+            if self.check_field is not None:
+                self.check_field(self._name, value)
+            self.upload.fields[self._name] = value
         elif (what := sniff_refused(self._file.head)) is not None:  # files shorter than 9 bytes
             raise UnsupportedUpload(f"{self._file.filename} holds {what}; refused, never opened", param="files")
 
@@ -171,8 +176,10 @@ class _Parts:
                 out.writelines(chunks)
 
 
-async def receive_upload(request: Request, cap: int, tmp_dir: Path) -> Upload:
-    """Stream the multipart body into temp files under ``cap`` bytes; on any failure nothing is left behind."""
+async def receive_upload(request: Request, cap: int, tmp_dir: Path,
+                         check_field: Callable[[str, str], None] | None = None) -> Upload:
+    """Stream the multipart body into temp files under ``cap`` bytes; on any failure nothing is left behind.
+    ``check_field(name, value)`` runs as each text field completes, so a bad id stops the upload early."""
     ctype, options = parse_options_header(request.headers.get("content-type"))
     boundary = options.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
@@ -181,7 +188,7 @@ async def receive_upload(request: Request, cap: int, tmp_dir: Path) -> Upload:
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise UploadTooLarge(f"upload of {int(declared)} bytes exceeds the limit of {cap} bytes (--max-upload-bytes)")
     upload = Upload()
-    parts = _Parts(tmp_dir, upload)
+    parts = _Parts(tmp_dir, upload, check_field)
     try:
         parser = MultipartParser(boundary, parts.callbacks())
     except (FormParserError, ValueError) as e:
