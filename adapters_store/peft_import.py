@@ -29,7 +29,7 @@ from safetensors.torch import load
 
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, AdapterMeta, CompiledAdapter, ModuleWeights, read_header
-from adapters_store.validate import Limits, validate
+from adapters_store.validate import Limits, PickleRefused, looks_pickled, validate
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -56,19 +56,7 @@ ADALORA_KNOWN = {"target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "be
 # Inits that leave the base weights untouched; pissa/olora/corda/loftq/lora_ga rewrite W0 and mica is a variant.
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 HEAD_NAMES = {"score", "classifier"}  # what PEFT's SEQ_CLS task puts into modules_to_save
-
-
-class PickleRefused(AdapterFormatError):
-    """A pickle/zip payload: refused by name or magic bytes, never deserialised."""
-
-    http_status = 415
-
-
-def _looks_pickled(data: bytes) -> bool:
-    """zip (torch.save) or pickle protocol 2-5, and not a safetensors header (whose JSON starts at byte 8)."""
-    if data[8:9] == b"{":
-        return False
-    return data[:4] == b"PK\x03\x04" or (len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5)
+__all__ = ["PickleRefused", "convert_peft", "import_peft", "pattern_value"]
 
 
 def _read_source(source: str | Path | dict[str, bytes], limits: Limits) -> tuple[bytes, bytes]:
@@ -107,7 +95,7 @@ def _read_source(source: str | Path | dict[str, bytes], limits: Limits) -> tuple
     for name, data, cap in ((CONFIG, config, MAX_CONFIG_BYTES), (WEIGHTS, weights, limits.max_file_bytes)):
         if len(data) > cap:
             raise AdapterFormatError(f"{name} is {len(data)} bytes, over the cap of {cap} bytes")
-    if _looks_pickled(weights):
+    if looks_pickled(weights):
         raise PickleRefused(f"{WEIGHTS} holds a pickle/zip payload, not safetensors; refused, never opened")
     return config, weights
 

@@ -36,6 +36,20 @@ class Limits:
     allowed_dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
 
+class PickleRefused(AdapterFormatError):
+    """A pickle or zip (torch.save) payload: refused by name or magic bytes, never deserialised."""
+
+    http_status = 415
+
+
+def looks_pickled(data: bytes) -> bool:
+    """zip or pickle protocol 2-5, and not a safetensors file (whose header JSON starts at byte 8: a
+    header length of 0x2_80 bytes also begins with the pickle opcode 0x80)."""
+    if data[8:9] == b"{":
+        return False
+    return data[:4] == b"PK\x03\x04" or (len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5)
+
+
 def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
@@ -148,6 +162,8 @@ def validate_bytes(data: bytes, base: BaseModel | None, limits: Limits | None = 
     limits = limits or Limits()
     if len(data) > limits.max_file_bytes:
         raise AdapterFormatError(f"file is {len(data)} bytes, over the cap of {limits.max_file_bytes} bytes")
+    if looks_pickled(data):
+        raise PickleRefused("the file is a pickle/zip payload (torch.save?), not safetensors; refused, never opened")
     _, header_meta = read_header(data, limits.max_header_bytes)  # container checks; raises on its own
     problems: list[str] = []
     try:

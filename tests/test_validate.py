@@ -153,3 +153,25 @@ def test_unknown_and_missing_tensor_keys(tiny_llama):
     ps = problems_of(save(sd, a.meta.to_header()), tiny_llama)
     assert f"tensor '{Q}.lora_c' is not part of the compiled adapter format" in ps
     assert any(f"module '{Q}' lacks {Q}.lora_b" in p for p in ps)
+
+
+def test_pickles_refused_without_mistaking_safetensors_for_one(tiny_llama):
+    import pickle
+
+    from adapters_store.validate import PickleRefused
+
+    for payload in (pickle.dumps([1, 2], protocol=2), pickle.dumps([1], protocol=5), b"PK\x03\x04" + b"\0" * 40):
+        with pytest.raises(PickleRefused):
+            validate_bytes(payload, tiny_llama)
+    # A real safetensors whose header is 0x280 bytes starts with the pickle opcode bytes 80 02.
+    a = random_adapter(tiny_llama, rank=2, modules=[Q])
+    sd = {k: v.contiguous() for k, v in a.state_dict().items()}
+    from safetensors.torch import save
+
+    blob = save(sd, a.meta.to_header())
+    n = int.from_bytes(blob[:8], "little")
+    header = blob[8:8 + n].rstrip(b" ")
+    padded = header + b" " * (0x280 - len(header))
+    data = struct.pack("<Q", 0x280) + padded + blob[8 + n:]
+    assert data[:2] == b"\x80\x02"
+    assert set(validate_bytes(data, tiny_llama).modules) == {Q}

@@ -1,0 +1,208 @@
+"""Where the store keeps its bytes: the ``Backend`` protocol and ``LocalDirBackend`` (a directory).
+
+Layout of ``LocalDirBackend``::
+
+    root/adapters/<id>/adapter.safetensors   the uploaded bytes, never rewritten
+    root/adapters/<id>/record.json           the store's record (owner included), published with the file
+    root/tmp/<random>.d/                     uploads being streamed, and deletions being cleaned up
+
+An upload streams into ``tmp/<random>.d/``, is fsynced, gets its record.json beside it, and is
+published by ONE ``rename`` of that directory to ``adapters/<id>``: file and record appear together or
+not at all, and rename refuses a non-empty target, so of two concurrent publishes of one id (threads or
+processes) exactly one wins. Removal renames the directory out of ``adapters/`` first, so the id is
+free at once and open readers keep their bytes. A writer holds an flock on its staging file, so
+``recover`` (at start-up, possibly while another process writes) removes only what dead writers left.
+An object store would implement the same protocol (stage = multipart upload, publish = conditional put).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+FILE, RECORD = "adapter.safetensors", "record.json"
+
+
+@dataclass
+class Staged:
+    """An upload written to private storage, not yet visible."""
+
+    work: Path  # the staging directory
+    size: int
+    digest: str  # sha256 hex, computed while streaming
+    fd: int = field(repr=False)  # held open with an flock until published or discarded
+
+
+class Backend(Protocol):
+    def stage(self, chunks: Iterable[bytes]) -> Staged:
+        """Write chunks privately; on any error (the iterator's included) leave nothing and re-raise."""
+    def read_staged(self, staged: Staged) -> bytes: ...
+    def discard(self, staged: Staged) -> None: ...
+    def publish(self, staged: Staged, adapter_id: str, record: bytes) -> str | None:
+        """Make file + record visible at once; FileExistsError if the id is taken. Returns the version."""
+    def version(self, adapter_id: str) -> str | None:
+        """A token that changes whenever the id's file changes; None when absent."""
+    def read(self, adapter_id: str) -> bytes: ...  # FileNotFoundError when absent
+    def read_record(self, adapter_id: str) -> bytes | None: ...
+    def write_record(self, adapter_id: str, record: bytes) -> None: ...
+    def remove(self, adapter_id: str) -> None: ...  # FileNotFoundError when absent
+    def ids(self) -> list[str]: ...
+    def recover(self) -> list[str]: ...  # drop what dead writers left; returns what was removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalDirBackend:
+    def __init__(self, root: str | Path):
+        self.adapters = Path(root) / "adapters"
+        self.tmp = Path(root) / "tmp"
+        self.adapters.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def stage(self, chunks: Iterable[bytes]) -> Staged:
+        work = self.tmp / f"{uuid.uuid4().hex}.d"
+        work.mkdir()
+        fd = os.open(work / FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # tells recover() in any process that this writer is alive
+        staged = Staged(work, 0, "", fd)
+        digest = hashlib.sha256()
+        try:
+            for chunk in chunks:
+                digest.update(chunk)
+                _write_all(fd, chunk)
+                staged.size += len(chunk)
+            os.fsync(fd)
+        except BaseException:
+            self.discard(staged)
+            raise
+        staged.digest = digest.hexdigest()
+        return staged
+
+    def read_staged(self, staged: Staged) -> bytes:
+        return (staged.work / FILE).read_bytes()
+
+    def discard(self, staged: Staged) -> None:
+        try:
+            os.close(staged.fd)
+        except OSError:
+            pass
+        shutil.rmtree(staged.work, ignore_errors=True)
+
+    def publish(self, staged: Staged, adapter_id: str, record: bytes) -> str | None:
+        _write_new(staged.work / RECORD, record)
+        _fsync_dir(staged.work)
+        try:
+            os.rename(staged.work, self.adapters / adapter_id)  # the one visibility point
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise FileExistsError(adapter_id) from None
+            raise
+        os.close(staged.fd)
+        try:
+            _fsync_dir(self.adapters)  # durability of the rename; the adapter is already visible
+        except OSError as e:
+            log.warning("fsync of %s failed after publishing %r: %s", self.adapters, adapter_id, e)
+        return self.version(adapter_id)
+
+    def version(self, adapter_id: str) -> str | None:
+        try:  # lstat: a symlink planted under adapters/ is never followed
+            if not stat.S_ISDIR(os.lstat(self.adapters / adapter_id).st_mode):
+                return None
+            st = os.lstat(self.adapters / adapter_id / FILE)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+    def read(self, adapter_id: str) -> bytes:
+        if self.version(adapter_id) is None:
+            raise FileNotFoundError(adapter_id)
+        fd = os.open(self.adapters / adapter_id / FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def read_record(self, adapter_id: str) -> bytes | None:
+        try:
+            return (self.adapters / adapter_id / RECORD).read_bytes()
+        except OSError:
+            return None
+
+    def write_record(self, adapter_id: str, record: bytes) -> None:
+        tmp = self.adapters / adapter_id / f".{RECORD}.{uuid.uuid4().hex}"
+        _write_new(tmp, record)
+        os.replace(tmp, self.adapters / adapter_id / RECORD)
+
+    def remove(self, adapter_id: str) -> None:
+        if self.version(adapter_id) is None:
+            raise FileNotFoundError(adapter_id)
+        gone = self.tmp / f"{uuid.uuid4().hex}.deleted"
+        os.rename(self.adapters / adapter_id, gone)  # the id is free from here on
+        shutil.rmtree(gone, ignore_errors=True)
+
+    def ids(self) -> list[str]:
+        return sorted(os.listdir(self.adapters))
+
+    def recover(self) -> list[str]:
+        removed = []
+        for entry in os.listdir(self.tmp):
+            path = self.tmp / entry
+            if self._writer_alive(path / FILE):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(str(path))
+        for entry in os.listdir(self.adapters):  # directories without an adapter file hold nothing servable
+            path = self.adapters / entry
+            if path.is_dir() and not path.is_symlink() and not (path / FILE).exists():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(str(path))
+        return removed
+
+    @staticmethod
+    def _writer_alive(path: Path) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
