@@ -91,7 +91,7 @@ class Engine:
         self.max_model_len = min(cfg.max_model_len, base.max_positions)
         self.pool = pool if pool is not None else make_pool(base, self.device, self.dtype, cfg.max_slots,
                                                             cfg.max_rank, cfg.cpu_cache_bytes)
-        self.residency = AdapterResidency(self.pool, store, metrics)
+        self.residency = AdapterResidency(self.pool, store, base, metrics)
         self.cache = self.runner = None
         kv = _NoKV()
         if base.is_decoder:

@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, CompiledAdapter
 from server.errors import AdapterLoadFailed, UnknownAdapter
 from server.metrics import Metrics
@@ -28,8 +29,9 @@ def make_pool(base, device, dtype, max_slots: int, max_rank: int, cpu_bytes: int
 class AdapterResidency:
     MAX_FAILED = 1024
 
-    def __init__(self, pool, store, metrics: Metrics | None):
+    def __init__(self, pool: AdapterPool, store, base: BaseModel, metrics: Metrics | None):
         self.pool = pool
+        self.base = base
         self.store = store
         self.metrics = metrics
         self.failed: OrderedDict[str, str] = OrderedDict()  # digest -> why it could not load
@@ -73,15 +75,7 @@ class AdapterResidency:
         def load() -> CompiledAdapter:
             ok = False
             try:
-                try:
-                    record = self.store.get(adapter_id)
-                except Exception as e:
-                    if getattr(e, "http_status", None) == 404:
-                        raise UnknownAdapter(f"adapter {adapter_id!r} was deleted", param="model") from None
-                    raise
-                if record.digest != digest:
-                    raise UnknownAdapter(f"adapter {adapter_id!r} was replaced by another version", param="model")
-                adapter = self.store.load(adapter_id)
+                adapter = self._load_version(adapter_id, digest)
                 ok = True
                 loaded.append(True)
                 return adapter
@@ -90,6 +84,21 @@ class AdapterResidency:
                     self.metrics.adapter_loads.labels(result="ok" if ok else "error").inc()
 
         return load
+
+    def _load_version(self, adapter_id: str, digest: str) -> CompiledAdapter:
+        """Exactly the version captured at submit (validated against the base), or 404 if it is gone."""
+        try:
+            return self.store.load(adapter_id, base=self.base, digest=digest)
+        except Exception as e:
+            if getattr(e, "http_status", None) != 404:
+                raise
+        try:
+            current = self.store.get(adapter_id).digest
+        except Exception:
+            current = None
+        if current == digest:  # the record still names this version, so the bytes on disk are damaged
+            raise AdapterFormatError(f"the stored file of {adapter_id!r} no longer matches its digest {digest[:12]}")
+        raise UnknownAdapter(f"adapter {adapter_id!r} was deleted or replaced by another version", param="model")
 
     def publish(self) -> None:
         """Copy the pool's counters and gauges into the metrics (counters by their increase)."""

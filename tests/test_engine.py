@@ -48,8 +48,11 @@ class MemStore:
             raise NotFound(adapter_id)
         return self.items[adapter_id][0]
 
-    def load(self, adapter_id):
-        return loads(self.get(adapter_id) and self.items[adapter_id][1])
+    def load(self, adapter_id, base=None, digest=None):
+        rec = self.get(adapter_id)
+        if digest is not None and digest != rec.digest:
+            raise NotFound(f"version {digest} is gone")
+        return loads(self.items[adapter_id][1])
 
     def delete(self, adapter_id):
         self.items.pop(adapter_id)

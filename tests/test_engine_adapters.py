@@ -2,6 +2,7 @@
 version safety, merge mode and batched classification."""
 
 import asyncio
+import copy
 import time
 
 import pytest
@@ -73,17 +74,32 @@ def test_32_concurrent_requests_over_8_adapters_equal_each_alone(engines, adapte
     assert m.batch_distinct_adapters._sum.get() > m.batch_distinct_adapters._buckets[0].get()  # batches mixed
 
 
-def test_corrupt_adapter_fails_only_its_requests(engines, adapters):
-    store = store_with({"good": adapters["a0"]})
-    data = adapters["a1"].to_bytes()
-    store.put("bad", adapters["a1"], data=data[:-16])  # truncated file: the load fails
+@pytest.mark.parametrize("fault", ["bytes_damaged_on_disk", "foreign_base_fingerprint"])
+def test_corrupt_adapter_fails_only_its_requests(engines, adapters, tmp_path, fault):
+    from adapters_store.store import AdapterStore
+
+    store = AdapterStore(tmp_path)
+    store.put("good", adapters["a0"].to_bytes())
+    bad = copy.deepcopy(adapters["a1"])
+    if fault == "foreign_base_fingerprint":
+        bad.meta.base_fingerprint = "0" * 32  # the store took it without a base; the engine's load checks it
+    store.put("bad", bad.to_bytes())
+    if fault == "bytes_damaged_on_disk":
+        path = tmp_path / "adapters" / "bad" / "adapter.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-8:] = b"\xff" * 8
+        path.write_bytes(bytes(data))
     eng = engines(store)
-    bad = [eng.submit_generate(greedy([5, 6, 7], 4, adapter_id="bad")) for _ in range(3)]
-    good = [eng.submit_generate(greedy([5, 6, 7], 4, adapter_id=a)) for a in ("good", None)]
-    for h in bad:
+    gate = Gate(eng.runner)
+    good = [eng.submit_generate(greedy([5, 6, 7], 4, adapter_id="good"))]
+    assert gate.entered.wait(10)  # the engine is inside a step: the next ones queue together
+    bad_handles = [eng.submit_generate(greedy([5, 6, 7], 4, adapter_id="bad")) for _ in range(3)]
+    good.append(eng.submit_generate(greedy([5, 6, 7], 4)))
+    gate.open.set()
+    for h in bad_handles:
         last = collect(h).last
         assert last.finish_reason == "error" and isinstance(last.error, AdapterLoadFailed)
-        assert "bad" in last.error.message
+        assert "bad" in last.error.message and last.error.http_status == 424
     assert all(collect(h).last.finish_reason == "length" for h in good)
     with pytest.raises(AdapterLoadFailed):  # marked errored: later requests fail at submit
         eng.submit_generate(greedy([5], 2, adapter_id="bad"))
