@@ -187,6 +187,10 @@ class AdaLoRAController(Controller):
             layer.lora_E.masked_fill_(~layer.kept[:, None], 0.0)
 
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        self.update_and_allocate(step)
+
+    def update_and_allocate(self, step: int) -> None:
+        """PEFT's AdaLoraModel.update_and_allocate: call after optimizer.step(), before zero_grad()."""
         final = self.total - self.tfinal
         if step < final:
             self.update_importance()
