@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class Backend(Protocol):
     def write_record(self, adapter_id: str, record: bytes) -> None: ...
     def remove(self, adapter_id: str) -> None: ...  # FileNotFoundError when absent
     def ids(self) -> list[str]: ...
+    def listing_token(self) -> str | None:
+        """Equal tokens guarantee ids() is unchanged (None: unknown, rescan)."""
     def recover(self) -> list[str]: ...  # drop what dead writers left; returns what was removed
 
 
@@ -174,6 +177,15 @@ class LocalDirBackend:
 
     def ids(self) -> list[str]:
         return sorted(os.listdir(self.adapters))
+
+    def listing_token(self) -> str | None:
+        """The adapters/ directory's mtime, which every publish and remove (renames in or out) moves. It
+        is only trusted once over a second old: file-system clocks are coarse (a few ms), so two changes
+        in one tick could share a stamp, but no change can be stamped earlier than the scan it follows."""
+        st = os.stat(self.adapters)
+        if time.time_ns() - st.st_mtime_ns < 1_000_000_000:
+            return None
+        return f"{st.st_ino}:{st.st_mtime_ns}"
 
     def recover(self) -> list[str]:
         removed = []

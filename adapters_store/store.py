@@ -115,11 +115,10 @@ class AdapterStore:
         self._lock = threading.Lock()
         self._index: dict[str, tuple[AdapterRecord, str]] = {}  # id -> (record, backend version)
         self.broken: dict[str, str] = {}  # id -> why it cannot be indexed (kept on disk, not listed)
+        self._listed: tuple[str, list[AdapterRecord]] | None = None  # (listing token, records) of the last scan
         for path in self.backend.recover():
             log.info("removed partial write %s", path)
-        for adapter_id in self.backend.ids():
-            if ID_RE.fullmatch(adapter_id):
-                self._cached(adapter_id)
+        self.list()  # index every adapter from its record.json (and remember the listing token)
 
     # ---- writes -----------------------------------------------------------------------------------
     def put(self, adapter_id: str, data: bytes, owner: str | None = None,
@@ -235,12 +234,19 @@ class AdapterStore:
             raise _invalid(e) from None
 
     def list(self, owner: str | None = None) -> list[AdapterRecord]:
-        """Every adapter (owner None), or those visible to ``owner``: its own and the public ones."""
-        ids = [i for i in self.backend.ids() if ID_RE.fullmatch(i)]
-        with self._lock:
-            for gone in set(self._index) - set(ids):
-                del self._index[gone]
-        records = [r for r in (self._cached(i) for i in ids) if r is not None]
+        """Every adapter (owner None), or those visible to ``owner``: its own and the public ones. Sees
+        other processes' puts and deletes; rescans only when the backend's listing token moved."""
+        token = self.backend.listing_token()
+        listed = self._listed
+        if token is not None and listed is not None and listed[0] == token:
+            records = listed[1]
+        else:
+            ids = [i for i in self.backend.ids() if ID_RE.fullmatch(i)]
+            with self._lock:
+                for gone in set(self._index) - set(ids):
+                    del self._index[gone]
+            records = [r for r in (self._cached(i) for i in ids) if r is not None]
+            self._listed = (token, records) if token is not None else None
         return [r for r in records if owner is None or r.owner in (None, owner)]
 
     def __contains__(self, adapter_id: object) -> bool:

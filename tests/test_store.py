@@ -390,3 +390,19 @@ def test_put_peft_converts_and_stores(tmp_path, tiny_llama):
     with pytest.raises(AdapterFormatError) as e:
         store.put_peft("bad", {"adapter_model.bin": b"\x80\x04junk", "adapter_config.json": b"{}"}, tiny_llama)
     assert e.value.http_status == 415
+
+
+def test_list_rescans_only_when_the_directory_changed(tmp_path, blobs, monkeypatch):
+    a, b = AdapterStore(tmp_path), AdapterStore(tmp_path)
+    a.put("one", blobs["lora"])
+    old = 1_000_000_000 * 1_000_000_000  # 2001: long settled
+    os.utime(tmp_path / "adapters", ns=(old, old))
+    assert [r.id for r in a.list()] == ["one"]
+    scans = []
+    real_ids = LocalDirBackend.ids
+    monkeypatch.setattr(LocalDirBackend, "ids", lambda self: scans.append(1) or real_ids(self))
+    assert [r.id for r in a.list()] == ["one"] and scans == []  # unchanged directory: no scan
+    b.put("two", blobs["other"])  # another process's put moves the directory's mtime
+    assert [r.id for r in a.list()] == ["one", "two"] and scans == [1]
+    b.delete("one")
+    assert [r.id for r in a.list()] == ["two"]
