@@ -406,3 +406,23 @@ def test_list_rescans_only_when_the_directory_changed(tmp_path, blobs, monkeypat
     assert [r.id for r in a.list()] == ["one", "two"] and scans == [1]
     b.delete("one")
     assert [r.id for r in a.list()] == ["two"]
+
+
+def test_ids_either_refused_or_confined_to_the_store(tmp_path):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from adapters_store.store import check_id
+
+    adapters = (tmp_path / "adapters").resolve()
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.text(max_size=140) | st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._/\\-]{0,130}", fullmatch=True))
+    def check(adapter_id):
+        try:
+            check_id(adapter_id)
+        except InvalidAdapterId:
+            return
+        assert (adapters / adapter_id).resolve().parent == adapters and len(adapter_id) <= 128
+
+    check()

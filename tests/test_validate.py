@@ -175,3 +175,27 @@ def test_pickles_refused_without_mistaking_safetensors_for_one(tiny_llama):
     data = struct.pack("<Q", 0x280) + padded + blob[8 + n:]
     assert data[:2] == b"\x80\x02"
     assert set(validate_bytes(data, tiny_llama).modules) == {Q}
+
+
+def test_mutated_files_fail_only_with_format_errors(tiny_llama):
+    """Random byte edits and cuts anywhere in a valid file: a clean AdapterFormatError or a valid adapter,
+    never another exception (safetensors' own errors, IndexError, UnicodeError...)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    good = random_adapter(tiny_llama, "dora", rank=2, modules=[Q]).to_bytes()
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)), max_size=4),
+           st.integers(0, len(good)))
+    def check(edits, cut):
+        data = bytearray(good[:cut] if cut else good)
+        for pos, value in edits:
+            if pos < len(data):
+                data[pos] = value
+        try:
+            validate_bytes(bytes(data), tiny_llama)
+        except AdapterFormatError as e:
+            assert e.problems and all(isinstance(p, str) and p for p in e.problems)
+
+    check()
