@@ -138,7 +138,7 @@ class _AttentionPlan:
             lens = [c.start + 1 for c in dec]
             lmax = max(lens)
             seq_ids = torch.tensor([c.seq for c in dec], device=dev)
-            self.decode_rows = table[seq_ids, :lmax]  # [B, Lmax]
+            self.decode_rows = table[seq_ids, :lmax].contiguous()  # [B, Lmax]
             lens_t = torch.tensor(lens, device=dev)
             self.decode_mask = (torch.arange(lmax, device=dev)[None, :] < lens_t[:, None])[:, None, None, :]  # [B,1,1,Lmax]
         # prefill chunks: (first flat row, n, cache rows [L], causal mask [n, L] with the cached prefix visible)
@@ -157,14 +157,16 @@ class _AttentionPlan:
         out = torch.empty_like(q)
         B = self.num_decode
         if B:
-            k = k_rows[self.decode_rows].transpose(1, 2).to(q.dtype)  # [B, kvH, Lmax, hd]
-            v = v_rows[self.decode_rows].transpose(1, 2).to(q.dtype)
+            shape = (*self.decode_rows.shape, *k_rows.shape[1:])  # [B, Lmax, kvH, hd]
+            # index_select on flat rows: several times faster than advanced indexing on CPU
+            k = k_rows.index_select(0, self.decode_rows.view(-1)).view(shape).transpose(1, 2).to(q.dtype)
+            v = v_rows.index_select(0, self.decode_rows.view(-1)).view(shape).transpose(1, 2).to(q.dtype)
             o = F.scaled_dot_product_attention(q[:B, :, None, :], k, v, attn_mask=self.decode_mask,
                                                scale=self.scaling, enable_gqa=True)  # [B, H, 1, hd]
             out[:B] = o[:, :, 0, :]
         for start, n, rows, mask in self.prefills:
-            k = k_rows[rows].transpose(0, 1).to(q.dtype)  # [kvH, L, hd]
-            v = v_rows[rows].transpose(0, 1).to(q.dtype)
+            k = k_rows.index_select(0, rows).transpose(0, 1).to(q.dtype)  # [kvH, L, hd]
+            v = v_rows.index_select(0, rows).transpose(0, 1).to(q.dtype)
             qc = q[start:start + n].transpose(0, 1)  # [H, n, hd]
             o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
             out[start:start + n] = o.transpose(0, 1)
