@@ -47,7 +47,8 @@ class BucketPlan:
     max_segment: int  # host int: most tokens of one slot in this bucket (kernel grid size)
     start: int  # host int: first position of this bucket's tokens in ``BatchPlan.order``
     stop: int  # host int: one past the last position
-    offs: torch.Tensor  # [n_b] int32: cumulative token count per local slot (grouped-GEMM offsets)
+    lo: int  # host int: first local slot with tokens; grouped GEMMs run over local slots lo..hi only
+    offs: torch.Tensor  # [hi - lo + 1] int32: cumulative token count per local slot lo..hi (grouped-GEMM offsets)
     local_slots: torch.Tensor  # [stop - start] long: bucket-local slot of each token
     seg_starts: torch.Tensor  # [S_b + 1] int32: segment boundaries, relative to ``start``
     seg_slots: torch.Tensor  # [S_b] int32: bucket-local slot of each segment
@@ -114,10 +115,11 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
         seg_starts = torch.cat([torch.zeros(1, dtype=torch.long), cnt[used].cumsum(0)])
         mor = table.mor_index[bslots]
         mor_rows = (mor >= 0).nonzero().squeeze(1)
-        parts = [cnt.cumsum(0), bslots - base, seg_starts, used]
+        lo, hi = int(used[0]), int(used[-1])
+        parts = [cnt[lo:hi + 1].cumsum(0), bslots - base, seg_starts, used]
         if mor_rows.numel():
             parts += [mor_rows, mor[mor_rows]]
-        specs.append((b, rank, base, int(cnt.max()), pos, pos + n, bool(mor_rows.numel())))
+        specs.append((b, rank, base, int(cnt.max()), lo, pos, pos + n, bool(mor_rows.numel())))
         pieces += parts
         pos += n
     scaled = table.scaled[sorted_slots]
@@ -128,14 +130,14 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
     views = list(torch.split(packed, [p.numel() for p in pieces]))
     dev_order = views.pop(0)
     buckets = []
-    for b, rank, base, longest, start, stop, has_mor in specs:
+    for b, rank, base, longest, lo, start, stop, has_mor in specs:
         offs, local, seg_starts, used = views[:4]
         del views[:4]
         mor_rows = mor_index = None
         if has_mor:
             mor_rows, mor_index = views[:2]
             del views[:2]
-        buckets.append(BucketPlan(b, rank, base, longest, start, stop, offs.to(torch.int32), local,
+        buckets.append(BucketPlan(b, rank, base, longest, start, stop, lo, offs.to(torch.int32), local,
                                   seg_starts.to(torch.int32), used.to(torch.int32), mor_rows, mor_index))
     scale_rows = views.pop(0) if views else None
     return BatchPlan(T, dev_slots, dev_order, tuple(buckets), scale_rows)

@@ -1,7 +1,8 @@
 """The batched low-rank op (torch backends) against the reference loop, over random mixed batches.
 
 Tolerances (elementwise |op - ref| <= atol + rtol * |ref|, values of order 1): fp32 1e-5 + 1e-4,
-fp16 4e-3 + 8e-3, bf16 3e-2 + 3e-2. Both sides compute in the test dtype; they differ only in summation
+fp16 1e-2 + 1e-2, bf16 3e-2 + 3e-2 (sums of up to ~100 products of order 1, so a few units of the
+dtype's epsilon times sqrt(100)). Both sides compute in the test dtype; they differ only in summation
 order, and for MoR in where lambda is rounded (folded into A in fp32, then cast).
 """
 
@@ -20,9 +21,9 @@ from server.ops.torch_cpu import HAS_GROUPED_MM
 from server.plan import MergedBatchError
 from server.pool import AdapterPool
 
-TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (4e-3, 8e-3), torch.bfloat16: (3e-2, 3e-2)}
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)}
 FORMS = ("plain", "out_scale", "mor", "absent")
-BACKENDS = ["torch-gather"] + (["torch"] if HAS_GROUPED_MM else [])
+BACKENDS = ["torch", "torch-gather"] + (["torch-grouped"] if HAS_GROUPED_MM else [])
 
 
 def one_linear_base(d_in: int, d_out: int, dtype: torch.dtype, seed: int) -> BaseModel:
@@ -83,13 +84,15 @@ def check(backend: str, dtype: torch.dtype, d_in: int, d_out: int, specs: list[t
 
 
 spec = st.tuples(st.sampled_from(FORMS), st.integers(0, 64))
+# Multiples of 8 keep the grouped-GEMM path's 16-byte stride rule; other sizes take its gather fallback.
+dim = st.one_of(st.sampled_from([8, 16, 40, 64]), st.integers(1, 48))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(specs=st.lists(spec, min_size=1, max_size=6), T=st.integers(1, 512), d_in=st.integers(1, 48),
-       d_out=st.integers(1, 48), seed=st.integers(0, 2**16), shape3d=st.booleans())
+@given(specs=st.lists(spec, min_size=1, max_size=6), T=st.integers(1, 512), d_in=dim, d_out=dim,
+       seed=st.integers(0, 2**16), shape3d=st.booleans())
 def test_op_matches_reference(backend, dtype, specs, T, d_in, d_out, seed, shape3d):
     check(backend, dtype, d_in, d_out, specs, T, seed, shape3d)
 

@@ -32,7 +32,8 @@ class LowRankOp(Protocol):
 
 
 def select_backend(device: torch.device | str, name: str | None = None) -> LowRankOp:
-    """``name``: None (triton on CUDA when importable, else torch), "triton", "torch", "torch-gather"."""
+    """``name``: None (triton on CUDA when importable, else torch), "triton", "torch" (= "torch-auto"),
+    "torch-grouped", "torch-gather" (the torch path's formulations, see ``torch_cpu``)."""
     device = torch.device(device)
     if name is None:
         # find_spec, not an import: the kernels are only defined (jit-decorated) when triton is chosen
@@ -45,6 +46,7 @@ def select_backend(device: torch.device | str, name: str | None = None) -> LowRa
 
     if name == "torch":
         return TorchLowRank()
-    if name == "torch-gather":
-        return TorchLowRank("gather")
-    raise ValueError(f"low-rank backend {name!r} is not one of triton, torch, torch-gather")
+    if name in ("torch-auto", "torch-grouped", "torch-gather"):
+        return TorchLowRank(name.removeprefix("torch-"))
+    raise ValueError(f"low-rank backend {name!r} is not one of triton, torch, torch-auto, torch-grouped, "
+                     "torch-gather")
