@@ -298,3 +298,47 @@ def test_adapter_ownership_and_task(make_engine, tiny_llama):
     assert "mine" in e.value.message and e.value.http_status == 404
     with pytest.raises(TaskMismatch):
         eng.submit_generate(greedy([5], 2, adapter_id="cls"))
+
+
+def test_metrics_count_every_token_and_request(make_engine):
+    m = Metrics()
+    eng = make_engine(metrics=m)
+    ps = prompts([4, 9, 6], seed=7)
+    outs = [collect(h) for h in [eng.submit_generate(greedy(p, 5)) for p in ps]]
+    wait_for(lambda: eng.num_running == 0)
+    assert m.generation_tokens._value.get() == sum(len(o.tokens) for o in outs) == 15
+    assert m.prompt_tokens._value.get() == sum(map(len, ps))
+    assert m.ttft._sum.get() > 0 and sum(b.get() for b in m.ttft._buckets) == 3
+    assert sum(b.get() for b in m.itl._buckets) == 3 * 4
+    assert sum(b.get() for b in m.queue_time._buckets) == 3
+    assert sum(b.get() for b in m.request_generation_tokens._buckets) == 3
+    assert sum(b.get() for b in m.batch_size._buckets) >= 5
+    assert m.running._value.get() == 0 and m.waiting._value.get() == 0 and m.cancelled._value.get() == 0
+
+
+def test_abort_storm_leaks_nothing(make_engine):
+    """Random cancels, deadlines and normal finishes from several threads: every count returns to 0."""
+    m = Metrics()
+    eng = make_engine(metrics=m, max_running=4, max_queue=64)
+    free_blocks = eng.cache.num_free_blocks
+    g = torch.Generator().manual_seed(0)
+    plan = [(p, int(torch.randint(0, 3, (1,), generator=g))) for p in prompts([3 + i % 9 for i in range(40)], 8)]
+
+    def client(part):
+        for p, kind in part:
+            deadline = time.monotonic() + 0.01 if kind == 2 else None
+            h = eng.submit_generate(greedy(p, 30, deadline=deadline))
+            if kind == 1:
+                time.sleep(0.002)
+                h.cancel()
+            list(h.events_sync(timeout=60))
+
+    threads = [threading.Thread(target=client, args=(plan[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    wait_for(lambda: eng.num_running == 0 and eng.num_waiting == 0)
+    assert eng.cache.num_free_blocks == free_blocks
+    assert m.running._value.get() == 0 and m.waiting._value.get() == 0
+    assert eng.healthy and collect(eng.submit_generate(greedy([5], 2))).last.finish_reason == "length"

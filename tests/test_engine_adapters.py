@@ -215,3 +215,17 @@ def test_classify_mixed_adapters_in_one_batch(family):
             got = torch.tensor([scores[lab] for lab in adapter.meta.labels])
             torch.testing.assert_close(got, probs, atol=1e-4, rtol=1e-4)
             assert label == adapter.meta.labels[int(probs.argmax())]
+
+
+def test_pool_activity_reaches_the_metrics(engines, adapters):
+    m = Metrics()
+    eng = engines(store_with(adapters), metrics=m, max_slots=2, max_rank=16)
+    for a in ("a0", "a1", "a4", "a1"):  # 2 slots (ranks 8 and 16): a4 (MoR, 16 rows) evicts a1
+        collect(eng.submit_generate(greedy([5, 6], 2, adapter_id=a)))
+    wait_for(lambda: eng.num_running == 0)
+    assert m.cache_misses.labels(tier="gpu")._value.get() == 4
+    assert m.evictions.labels(tier="gpu")._value.get() >= 1
+    assert m.adapter_loads.labels(result="ok")._value.get() == 3  # a1 came back from the CPU tier
+    assert sum(b.get() for b in m.adapter_load_duration.labels(source="disk")._buckets) == 3
+    assert sum(b.get() for b in m.adapter_load_duration.labels(source="cpu")._buckets) == 1
+    assert m.adapters_resident.labels(tier="gpu")._value.get() == 2
