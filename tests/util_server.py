@@ -134,13 +134,23 @@ def compiled_bytes(base, method: str = "lora", rank: int = 4, seed: int = 0, tas
     return random_adapter(base, method, rank, seed=seed, task=task, std=0.1, **kw).to_bytes()
 
 
-def peft_files(base_model: torch.nn.Module, seed: int = 0, **lora) -> dict[str, bytes]:
+def peft_files(base_model: torch.nn.Module, seed: int = 0, num_labels: int = 0, **lora) -> dict[str, bytes]:
     """A PEFT LoRA/DoRA upload ({filename: bytes}) saved by peft itself, with random non-zero factors (B is
-    zero at PEFT's init, which would make the adapter a no-op)."""
+    zero at PEFT's init, which would make the adapter a no-op). ``num_labels`` > 0: a decoder SEQ_CLS
+    adapter with a ``score`` head over the same base weights."""
     import peft
 
     cfg = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **lora})
-    pm = peft.get_peft_model(copy.deepcopy(base_model), cfg)
+    model = copy.deepcopy(base_model)
+    if num_labels:
+        from transformers import LlamaForSequenceClassification
+
+        config = copy.deepcopy(base_model.config)
+        config.num_labels = num_labels
+        model = LlamaForSequenceClassification(config)
+        model.model.load_state_dict(base_model.model.state_dict())
+        cfg.task_type = "SEQ_CLS"
+    pm = peft.get_peft_model(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
