@@ -170,8 +170,9 @@ def _check_config(cfg: dict, base: BaseModel, limits: Limits, problems: list[str
     targets = cfg.get("target_modules")
     if isinstance(targets, list):
         for t in targets:
-            hit = any(p == t or p.endswith("." + t) or t.endswith("." + p) for p in base.targets)
-            if not isinstance(t, str) or not hit:
+            hit = isinstance(t, str) and any(p == t or p.endswith("." + t) or t.endswith("." + p)
+                                             for p in base.targets)
+            if not hit:
                 problems.append(f"{CONFIG} field 'target_modules' entry {t!r} names no target module of base "
                                 f"{base.name!r} (its targets end in {', '.join(_leaf_names(base))})")
     elif targets is not None and not isinstance(targets, str):
