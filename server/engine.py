@@ -42,6 +42,7 @@ from server.scheduler import Request, Scheduler
 __all__ = ["Engine", "EngineConfig", "GenerateEvent", "GenerateParams", "RequestHandle"]
 
 log = logging.getLogger("rankserve.engine")
+MERGE_AFTER_STEPS = 3  # consecutive single-adapter steps before merge mode folds the adapter in
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -115,6 +116,8 @@ class Engine:
         self._error: BaseException | None = None
         self._busy_since: float | None = None
         self._merged: str | None = None
+        self._last_single: str | None = None
+        self._single_steps = 0
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -323,7 +326,12 @@ class Engine:
         single = next(iter(keys)) if len(keys) == 1 else None
         if self._merged != single:
             self._unmerge()
-        if single is not None and self._merged is None and self.pool.adapter(single).mergeable:
+        # a merge costs a pass over the adapted weights: wait for a few single-adapter steps in a row so
+        # that traffic flickering between adapters does not merge and unmerge every step
+        self._single_steps = self._single_steps + 1 if single is not None and single == self._last_single else 0
+        self._last_single = single
+        if (single is not None and self._merged is None and self._single_steps >= MERGE_AFTER_STEPS
+                and self.pool.adapter(single).mergeable):
             self.pool.merge(single)
             self._merged = single
 
