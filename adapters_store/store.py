@@ -79,9 +79,11 @@ class AdapterRecord:
     base_model: str
 
     @classmethod
-    def build(cls, adapter_id: str, digest: str, size: int, meta: AdapterMeta, owner: str | None) -> AdapterRecord:
+    def build(cls, adapter_id: str, digest: str, size: int, meta: AdapterMeta, ranks: dict[str, int],
+              owner: str | None) -> AdapterRecord:
+        """``ranks`` come from the tensors (the metadata's copy is only checked against them)."""
         return cls(id=adapter_id, digest=digest, size=size, method=meta.method, task=meta.task,
-                   ranks=dict(meta.ranks), labels=meta.labels, created_at=meta.created_at, owner=owner,
+                   ranks=dict(sorted(ranks.items())), labels=meta.labels, created_at=meta.created_at, owner=owner,
                    base_fingerprint=meta.base_fingerprint, base_model=meta.base_model)
 
     def to_dict(self) -> dict:
@@ -142,7 +144,8 @@ class AdapterStore:
                 adapter = validate_bytes(data, base, self.limits)
             except AdapterFormatError as e:
                 raise _invalid(e) from None
-            record = AdapterRecord.build(adapter_id, staged.digest, staged.size, adapter.meta, owner)
+            ranks = {p: mw.rank for p, mw in adapter.modules.items()}
+            record = AdapterRecord.build(adapter_id, staged.digest, staged.size, adapter.meta, ranks, owner)
             version = self.backend.publish(staged, adapter_id, json.dumps(record.to_dict()).encode())
         except FileExistsError:
             self.backend.discard(staged)
@@ -290,9 +293,11 @@ class AdapterStore:
             except (ValueError, KeyError, TypeError):
                 pass
         data = self.backend.read(adapter_id)  # sidecar miss: header parse only, plus the digest
-        _, header_meta = read_header(data, self.limits.max_header_bytes)
+        entries, header_meta = read_header(data, self.limits.max_header_bytes)
         meta = AdapterMeta.from_header(header_meta)
+        ranks = {name.removesuffix(".lora_a"): int(e["shape"][0]) for name, e in entries.items()
+                 if name.endswith(".lora_a") and isinstance(e, dict) and e.get("shape")}
         owner = old.get("owner") if isinstance(old, dict) else None
-        record = AdapterRecord.build(adapter_id, hashlib.sha256(data).hexdigest(), len(data), meta, owner)
+        record = AdapterRecord.build(adapter_id, hashlib.sha256(data).hexdigest(), len(data), meta, ranks, owner)
         self.backend.write_record(adapter_id, json.dumps(record.to_dict()).encode())
         return record
