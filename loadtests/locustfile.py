@@ -8,8 +8,13 @@
 - adapters are drawn from a Zipf popularity over the manifest's ids (RANKSERVE_LT_ZIPF, default 1.1), so a
   few are hot and many are cold: the residency tiers are exercised;
 - streaming users report time to first token and inter-token latency as their own entries (TTFT, ITL);
-- 429 answers are counted as rejections (entry "REJECTED 429"), not failures;
-- one admin user uploads and deletes adapters during the load;
+- 429 answers are counted as rejections (entry "REJECTED 429"), not failures, and so is a 503 that says the
+  server is draining (entry "REJECTED 503 draining", the documented answer during shutdown); every other
+  status >= 400, a timeout, or a stream without ``data: [DONE]`` is a failure;
+- one admin user uploads an adapter, generates with it once, and deletes it, during the load;
+- every request has a client timeout (RANKSERVE_LT_TIMEOUT seconds, default 300): nothing waits forever;
+- RANKSERVE_LT_RATE > 0 paces each user at that many tasks per second (``constant_throughput``) instead
+  of a short random think time: the soak uses it to offer a fixed load;
 - RANKSERVE_LT_SHAPE=1 replaces -u/-r/-t with a ramp-up / steady / spike / steady shape.
 """
 
@@ -21,13 +26,16 @@ import random
 import time
 from pathlib import Path
 
-from locust import HttpUser, LoadTestShape, between, events, task
+import requests
+from locust import HttpUser, LoadTestShape, between, constant_throughput, events, task
 
 MANIFEST = json.loads(Path(os.environ.get("RANKSERVE_LT_MANIFEST", "loadtests/out/manifest.json")).read_text())
 API_KEY = os.environ.get("RANKSERVE_LT_API_KEY", "")
 ADMIN_KEY = os.environ.get("RANKSERVE_LT_ADMIN_KEY", API_KEY)
 MAX_TOKENS = int(os.environ.get("RANKSERVE_LT_MAX_TOKENS", "16"))
 ZIPF_S = float(os.environ.get("RANKSERVE_LT_ZIPF", "1.1"))
+TIMEOUT = float(os.environ.get("RANKSERVE_LT_TIMEOUT", "300"))
+RATE = float(os.environ.get("RANKSERVE_LT_RATE", "0"))  # tasks per second per user; 0 = think time
 PROMPTS = ["Write a haiku about the sea.", "Explain what a hash table is.", "List three colours.",
            "What is the capital of France?", "Give me a short tip for sleeping better."]
 TEXTS = ["the movie was wonderful", "a dull and tiring afternoon", "great service, friendly staff",
@@ -53,18 +61,25 @@ def record(name: str, request_type: str, seconds: float, exc: Exception | None =
                         response_length=0, exception=exc, context={})
 
 
+def think_time():
+    return constant_throughput(RATE) if RATE > 0 else between(0.05, 0.3)
+
+
 def judge(resp) -> None:
-    """429 is the server protecting itself: count it as a rejection, not a failure."""
+    """429 (and 503 while draining) is the server protecting itself: a rejection, not a failure."""
     if resp.status_code == 429:
         resp.success()
         record("REJECTED 429", "REJECTED", 0.0)
-    elif resp.status_code >= 400:
-        resp.failure(f"{resp.status_code}: {resp.text[:200]}")
+    elif resp.status_code == 503 and "draining" in resp.text:
+        resp.success()
+        record("REJECTED 503 draining", "REJECTED", 0.0)
+    elif resp.status_code >= 400 or resp.status_code == 0:  # 0: no answer (connection error, timeout)
+        resp.failure(f"{resp.status_code}: {resp.text[:200] if resp.text else resp.error}")
 
 
 class GenerateUser(HttpUser):
     weight = 6
-    wait_time = between(0.05, 0.3)
+    wait_time = think_time()
 
     def adapter(self) -> str:
         return random.choices(GEN_IDS, GEN_W)[0] if GEN_IDS else MANIFEST["base"]
@@ -74,7 +89,7 @@ class GenerateUser(HttpUser):
         body = {"model": self.adapter(), "prompt": random.choice(PROMPTS), "max_tokens": MAX_TOKENS,
                 "temperature": 0.0}
         with self.client.post("/v1/completions", json=body, headers=headers(API_KEY), name="/v1/completions",
-                              catch_response=True) as r:
+                              catch_response=True, timeout=TIMEOUT) as r:
             judge(r)
 
     @task(2)
@@ -82,7 +97,7 @@ class GenerateUser(HttpUser):
         body = {"model": self.adapter(), "max_tokens": MAX_TOKENS, "temperature": 0.7, "top_p": 0.9,
                 "messages": [{"role": "user", "content": random.choice(PROMPTS)}]}
         with self.client.post("/v1/chat/completions", json=body, headers=headers(API_KEY),
-                              name="/v1/chat/completions", catch_response=True) as r:
+                              name="/v1/chat/completions", catch_response=True, timeout=TIMEOUT) as r:
             judge(r)
 
     @task(2)
@@ -90,46 +105,55 @@ class GenerateUser(HttpUser):
         body = {"model": self.adapter(), "prompt": random.choice(PROMPTS), "max_tokens": MAX_TOKENS,
                 "stream": True, "temperature": 0.0}
         start = time.perf_counter()
-        last = None
         with self.client.post("/v1/completions", json=body, headers=headers(API_KEY), stream=True,
-                              name="/v1/completions [stream]", catch_response=True) as r:
+                              name="/v1/completions [stream]", catch_response=True,
+                              timeout=TIMEOUT) as r:
             if r.status_code != 200:
                 judge(r)
                 return
-            done = False
-            for line in r.iter_lines():
-                if not line or not line.startswith(b"data: "):
-                    continue
-                now = time.perf_counter()
-                if line == b"data: [DONE]":
-                    done = True
-                    break
-                if b'"error"' in line:
-                    r.failure(line.decode()[:200])
-                    return
-                if last is None:
-                    record("time to first token", "TTFT", now - start)
-                else:
-                    record("inter-token latency", "ITL", now - last)
-                last = now
-            if not done:
+            try:
+                done = self._read_stream(r, start)
+            except requests.RequestException as e:  # a timeout or reset mid-stream is a failure, not a crash
+                r.failure(f"stream broken: {type(e).__name__}: {e}"[:200])
+                return
+            if done is False:
                 r.failure("stream ended without data: [DONE]")
+
+    @staticmethod
+    def _read_stream(r, start: float) -> bool | None:
+        """True at ``data: [DONE]``; None after an error event (already marked a failure)."""
+        last = None
+        for line in r.iter_lines():
+            if not line or not line.startswith(b"data: "):
+                continue
+            now = time.perf_counter()
+            if line == b"data: [DONE]":
+                return True
+            if line.startswith(b'data: {"error"'):
+                r.failure(line.decode()[:200])
+                return None
+            if last is None:
+                record("time to first token", "TTFT", now - start)
+            else:
+                record("inter-token latency", "ITL", now - last)
+            last = now
+        return False
 
 
 class ClassifyUser(HttpUser):
     weight = 2 if CLS_IDS else 0
-    wait_time = between(0.05, 0.3)
+    wait_time = think_time()
 
     @task
     def classify(self):
         body = {"model": random.choices(CLS_IDS, CLS_W)[0], "input": random.sample(TEXTS, 2)}
         with self.client.post("/v1/classify", json=body, headers=headers(API_KEY), name="/v1/classify",
-                              catch_response=True) as r:
+                              catch_response=True, timeout=TIMEOUT) as r:
             judge(r)
 
 
 class AdminUser(HttpUser):
-    """Uploads a fresh adapter, uses it once, deletes it: registry churn during the load."""
+    """Uploads a fresh adapter, uses it once (a cold load), deletes it: registry churn during the load."""
 
     fixed_count = 1 if MANIFEST.get("upload_files") else 0
     wait_time = between(2.0, 4.0)
@@ -142,12 +166,19 @@ class AdminUser(HttpUser):
             files = [("files", (path.name, f, "application/octet-stream"))]
             with self.client.post("/v1/adapters", data={"adapter_id": adapter_id}, files=files,
                                   headers=headers(ADMIN_KEY), name="/v1/adapters [upload]",
-                                  catch_response=True) as r:
+                                  catch_response=True, timeout=TIMEOUT) as r:
                 judge(r)
                 if r.status_code != 201:
                     return
+        if MANIFEST.get("churn_task", "generate") == "classify":
+            route, body = "/v1/classify", {"model": adapter_id, "input": [random.choice(TEXTS)]}
+        else:
+            route, body = "/v1/completions", {"model": adapter_id, "prompt": random.choice(PROMPTS), "max_tokens": 4}
+        with self.client.post(route, json=body, headers=headers(API_KEY), name=f"{route} [fresh adapter]",
+                              catch_response=True, timeout=TIMEOUT) as r:
+            judge(r)
         with self.client.delete(f"/v1/adapters/{adapter_id}", headers=headers(ADMIN_KEY),
-                                name="/v1/adapters/{id} [delete]", catch_response=True) as r:
+                                name="/v1/adapters/{id} [delete]", catch_response=True, timeout=TIMEOUT) as r:
             judge(r)
 
 
