@@ -96,6 +96,8 @@ def _models_and_classify(app: FastAPI) -> None:
         cards = [ModelCard(id=s.base_name, created=state.created, owned_by="rankserve", root=s.model,
                            max_model_len=rt.engine.max_model_len, task=",".join(rt.base.tasks))]
         for r in await run_in_threadpool(rt.store.list):
+            if r.base_fingerprint != rt.base.fingerprint:  # another base's adapter: it would not load here
+                continue
             if r.owner is None or r.owner == principal.tenant:  # exactly what inference will accept
                 cards.append(ModelCard(id=r.id, created=int(getattr(r, "created_at", 0) or 0),
                                        owned_by=r.owner or "rankserve", root=r.id, parent=s.base_name,

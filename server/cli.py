@@ -62,7 +62,7 @@ def serve(settings: Settings) -> int:
     holder: list[DrainingServer] = []
     app = create_app(settings, on_load_failure=lambda: holder[0].fail())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=2, log_level=settings.log_level.lower())
+                            lifespan="on", timeout_graceful_shutdown=1, log_level=settings.log_level.lower())
     server = DrainingServer(config, app.state.rankserve, settings.drain_timeout)
     holder.append(server)
     event("starting", model=settings.model, host=settings.host, port=settings.port, store=settings.store,

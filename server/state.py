@@ -113,10 +113,18 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         from server.demo import ensure_demo_adapters
 
         ensure_demo_adapters(store, base)
+    records = store.list()
+    foreign = sorted(r.id for r in records if r.base_fingerprint != base.fingerprint)
+    if foreign:  # kept on disk, not served: they fail validation against this base at load time
+        event("adapters for another base model are not served", logging.WARNING, adapters=foreign[:20],
+              count=len(foreign))
+    if store.broken:
+        event("unreadable adapters are not served", logging.WARNING, adapters=sorted(store.broken)[:20])
     engine = Engine(base, store, settings.engine_config(), metrics)
     runtime = Runtime(base, store, engine)  # copies the tokenizer before the engine thread uses it
     engine.start()
-    event("runtime loaded", model=settings.model, family=base.family, seconds=round(time.monotonic() - started, 2))
+    event("runtime loaded", model=settings.model, family=base.family, adapters=len(records) - len(foreign),
+          seconds=round(time.monotonic() - started, 2))
     return runtime
 
 
