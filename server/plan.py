@@ -31,6 +31,9 @@ class SlotTable:
     occupied: torch.Tensor  # [S] bool: a resident adapter holds the slot
     scaled: torch.Tensor  # [S] bool: the adapter carries out_scale in some module
     mor_index: torch.Tensor  # [S] long: index into the MoR tables, -1 for non-MoR adapters
+    row0: torch.Tensor  # [S] long: the slot's first row in every module's flat A/B^T tables
+    slot_rank: torch.Tensor  # [S] long: rank rows the resident adapter uses (its largest module)
+    zero_row: int  # the all-zero row of the flat tables (target of padded gathers)
 
     @property
     def num_slots(self) -> int:
@@ -72,6 +75,12 @@ class BatchPlan:
     buckets: tuple[BucketPlan, ...]  # the buckets used this step, ascending
     scale_rows: torch.Tensor | None  # [T] long: out_scale table row per token (S = all-ones row); None if unused
     merged: bool = False  # every token uses the merged adapter: layers run the (merged) base alone
+    num_segments: int = 0  # host int: distinct adapters in the step (segments over all buckets)
+    rows: torch.Tensor | None = None  # [N, R] long: flat-table row of rank row k of each token, R = the step's
+    #   largest slot rank, the zero row past a token's own rank (and for base tokens); None if N * R > ROWS_CAP
+    rows_by_token: bool = False  # rows are in token order (N = T; most tokens have adapters), else ``order`` (N = T_a)
+    mor_pos: torch.Tensor | None = None  # [m] long: positions of the MoR tokens among the rows' N tokens
+    mor_index: torch.Tensor | None = None  # [m] long: their MoR table entries
 
     @property
     def has_adapters(self) -> bool:
@@ -100,8 +109,8 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
     order = adapter_tok[perm]  # [T_a]
     counts = torch.bincount(sorted_slots, minlength=S)  # [S]
 
-    # Pack every long tensor, send once, then slice views on the device.
-    pieces: list[torch.Tensor] = [order]
+    pack = _Pack()
+    h_order = pack.add(order)
     specs = []
     pos = 0
     for b, (base, size, rank) in enumerate(zip(table.bucket_base, table.bucket_size, table.bucket_rank,
@@ -112,35 +121,63 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
             continue
         bslots = sorted_slots[pos:pos + n]
         used = cnt.nonzero().squeeze(1)  # [S_b]
-        seg_starts = torch.cat([torch.zeros(1, dtype=torch.long), cnt[used].cumsum(0)])
+        lo, hi = int(used[0]), int(used[-1])
         mor = table.mor_index[bslots]
         mor_rows = (mor >= 0).nonzero().squeeze(1)
-        lo, hi = int(used[0]), int(used[-1])
-        parts = [cnt[lo:hi + 1].cumsum(0), bslots - base, seg_starts, used]
-        if mor_rows.numel():
-            parts += [mor_rows, mor[mor_rows]]
-        specs.append((b, rank, base, int(cnt.max()), lo, pos, pos + n, bool(mor_rows.numel())))
-        pieces += parts
+        handles = [pack.add(cnt[lo:hi + 1].cumsum(0)), pack.add(bslots - base),
+                   pack.add(torch.cat([torch.zeros(1, dtype=torch.long), cnt[used].cumsum(0)])), pack.add(used),
+                   pack.add(mor_rows) if mor_rows.numel() else None,
+                   pack.add(mor[mor_rows]) if mor_rows.numel() else None]
+        specs.append((b, rank, base, int(cnt.max()), pos, pos + n, lo, handles))
         pos += n
-    scaled = table.scaled[sorted_slots]
-    if bool(scaled.any()):
+    h_scale = None
+    if bool(table.scaled[sorted_slots].any()):
         # Tokens of the base or of adapters without out_scale read row S of the table: all ones.
-        pieces.append(torch.where((host >= 0) & table.scaled[host.clamp(min=0)], host, torch.full_like(host, S)))
-    packed = torch.cat(pieces).to(device)
-    views = list(torch.split(packed, [p.numel() for p in pieces]))
-    dev_order = views.pop(0)
-    buckets = []
-    for b, rank, base, longest, lo, start, stop, has_mor in specs:
-        offs, local, seg_starts, used = views[:4]
-        del views[:4]
-        mor_rows = mor_index = None
-        if has_mor:
-            mor_rows, mor_index = views[:2]
-            del views[:2]
-        buckets.append(BucketPlan(b, rank, base, longest, start, stop, lo, offs.to(torch.int32), local,
-                                  seg_starts.to(torch.int32), used.to(torch.int32), mor_rows, mor_index))
-    scale_rows = views.pop(0) if views else None
-    return BatchPlan(T, dev_slots, dev_order, tuple(buckets), scale_rows)
+        h_scale = pack.add(torch.where((host >= 0) & table.scaled[host.clamp(min=0)], host, torch.full_like(host, S)))
+    # The row table: in token order when most tokens carry adapters (no gather of x, no scatter of y).
+    by_token = 2 * sorted_slots.numel() >= T
+    subject = host if by_token else sorted_slots  # [N] slots of the rows' tokens, -1 = base
+    known = subject >= 0
+    subject = subject.clamp(min=0)
+    R = int(table.slot_rank[sorted_slots].max())
+    h_rows = None
+    if subject.numel() * R <= ROWS_CAP:
+        k = torch.arange(R)  # [R]
+        rank = torch.where(known, table.slot_rank[subject], 0)[:, None]  # [N, 1]
+        h_rows = pack.add(torch.where(k < rank, table.row0[subject][:, None] + k, table.zero_row))  # [N, R]
+    mor_all = torch.where(known, table.mor_index[subject], -1)  # [N]
+    mor_pos = (mor_all >= 0).nonzero().squeeze(1)
+    h_mor = (pack.add(mor_pos), pack.add(mor_all[mor_pos])) if mor_pos.numel() else None
+
+    dev = pack.send(device)
+    buckets = tuple(
+        BucketPlan(b, rank, base, longest, start, stop, lo, dev[h[0]].to(torch.int32), dev[h[1]],
+                   dev[h[2]].to(torch.int32), dev[h[3]].to(torch.int32),
+                   None if h[4] is None else dev[h[4]], None if h[5] is None else dev[h[5]])
+        for b, rank, base, longest, start, stop, lo, h in specs)
+    return BatchPlan(
+        T, dev_slots, dev[h_order], buckets, None if h_scale is None else dev[h_scale],
+        num_segments=int((counts > 0).sum()),
+        rows=None if h_rows is None else dev[h_rows].view(subject.numel(), R), rows_by_token=by_token,
+        mor_pos=None if h_mor is None else dev[h_mor[0]], mor_index=None if h_mor is None else dev[h_mor[1]])
+
+
+ROWS_CAP = 1 << 18  # largest [T_a, R] row table built per step (the gather path is for short segments)
+
+
+class _Pack:
+    """Collect host long tensors, move them to the device in ONE transfer, hand back views."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, t: torch.Tensor) -> int:
+        self.parts.append(t.reshape(-1))
+        return len(self.parts) - 1
+
+    def send(self, device: torch.device | str) -> list[torch.Tensor]:
+        packed = torch.cat(self.parts).to(device)
+        return list(torch.split(packed, [p.numel() for p in self.parts]))
 
 
 def _check_slots(host: torch.Tensor, table: SlotTable) -> None:

@@ -98,6 +98,11 @@ class AdapterPool:
         self._occupied = torch.zeros(self.num_slots, dtype=torch.bool)
         self._scaled = torch.zeros(self.num_slots, dtype=torch.bool)
         self._mor_index = torch.full((self.num_slots,), -1, dtype=torch.long)
+        self._slot_rank = torch.zeros(self.num_slots, dtype=torch.long)
+        row_start = [sum(r * n for r, n in self.buckets[:b]) for b in range(len(self.buckets))]
+        self._row0 = torch.tensor([row_start[b] + local * r for b, (r, n) in enumerate(self.buckets)
+                                   for local in range(n)], dtype=torch.long)
+        self._zero_row = sum(r * n for r, n in self.buckets)
         self._merged: tuple[str, dict[str, torch.Tensor]] | None = None
         self._stats = PoolStats()
         self._stats.capacity_bytes["gpu"] = sum(s.num_bytes() for s in self.slots.values())
@@ -134,7 +139,7 @@ class AdapterPool:
             slot, mor_entry = self._take_slot(need, mor)
             start = time.perf_counter()
             try:
-                self._write(slot, mor_entry, adapter)
+                self._write(slot, mor_entry, need, adapter)
             except BaseException:
                 self._give_back(slot, mor_entry)
                 raise
@@ -192,7 +197,8 @@ class AdapterPool:
     def plan(self, token_slots: torch.Tensor) -> BatchPlan:
         with self._lock:
             table = SlotTable(tuple(self.bucket_base), tuple(n for _, n in self.buckets),
-                              tuple(r for r, _ in self.buckets), self._occupied, self._scaled, self._mor_index)
+                              tuple(r for r, _ in self.buckets), self._occupied, self._scaled, self._mor_index,
+                              self._row0, self._slot_rank, self._zero_row)
             merged_slot = None if self._merged is None else self._resident[self._merged[0]].slot
             return build_plan(token_slots, table, self.device, merged_slot)
 
@@ -299,7 +305,7 @@ class AdapterPool:
         mor_entry = self._free_mor.pop(0) if mor else -1
         return slot, mor_entry
 
-    def _write(self, slot: int, mor_entry: int, adapter: CompiledAdapter) -> None:
+    def _write(self, slot: int, mor_entry: int, rank_rows: int, adapter: CompiledAdapter) -> None:
         b = self._bucket_of(slot)
         local = slot - self.bucket_base[b]
         for path, module_slots in self.slots.items():
@@ -307,6 +313,7 @@ class AdapterPool:
         self._occupied[slot] = True
         self._scaled[slot] = any(m.out_scale is not None for m in adapter.modules.values())
         self._mor_index[slot] = mor_entry
+        self._slot_rank[slot] = rank_rows
 
     def _evict(self, key: str) -> None:
         res = self._resident.pop(key)

@@ -1,9 +1,14 @@
 """The preallocated slot buffers of ONE adapted linear module (owned by the pool, read by the ops).
 
-Layout, per rank bucket ``b`` (``n_b`` slots of ``R_b`` rank rows each):
+Layout: every rank row of every slot lives in one flat table per module, bucket after bucket, with one
+extra all-zero row at the end (``zero_row``) that padded gathers point to:
 
-    a[b]    [n_b, R_b, d_in]    lora_a rows; rows past the adapter's rank are zero
-    bt[b]   [n_b, R_b, d_out]   lora_b transposed (row k = column k of lora_b), zero past the rank
+    a_flat  [rows + 1, d_in]    lora_a rows; rows past the adapter's rank are zero
+    bt_flat [rows + 1, d_out]   lora_b transposed (row k = column k of lora_b), zero past the rank
+    a[b]    [n_b, R_b, d_in]    view of bucket b's rows (n_b slots of R_b rows); bt[b] likewise
+
+Slot s of bucket b starts at flat row ``row0(s) = start_b + local * R_b`` in every module alike, so one
+per-step table of row indices (``BatchPlan.rows``) serves every layer.
 
 Zero rows make rank padding inside a bucket exact; the buckets keep that padding small. A MoR module
 (rank r, N experts) is stored as an ordinary module of rank N*r: row ``i*r + j`` of ``a`` holds
@@ -24,8 +29,10 @@ from adapters_store.format import ModuleWeights
 class ModuleSlots:
     d_in: int
     d_out: int
-    a: list[torch.Tensor]  # per bucket [n_b, R_b, d_in]
-    bt: list[torch.Tensor]  # per bucket [n_b, R_b, d_out]
+    a_flat: torch.Tensor  # [rows + 1, d_in], last row zero
+    bt_flat: torch.Tensor  # [rows + 1, d_out], last row zero
+    a: list[torch.Tensor]  # per bucket [n_b, R_b, d_in], views of a_flat
+    bt: list[torch.Tensor]  # per bucket [n_b, R_b, d_out], views of bt_flat
     ranks: torch.Tensor  # [S] int32: this module's effective rank per global slot (0 = module absent)
     out_scale: torch.Tensor  # [S + 1, d_out]: g per slot; ones for slots without it, row S = ones (base)
     gate: torch.Tensor | None  # [M, E, d_in]: MoR router weights per MoR table entry, zero past N
@@ -33,7 +40,7 @@ class ModuleSlots:
     row_expert: torch.Tensor | None  # [M, R_max] long: expert of each rank row (i for row i*r + j)
 
     def num_bytes(self) -> int:
-        tensors = [*self.a, *self.bt, self.ranks, self.out_scale]
+        tensors = [self.a_flat, self.bt_flat, self.ranks, self.out_scale]
         tensors += [t for t in (self.gate, self.gate_bias, self.row_expert) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -48,10 +55,14 @@ class ModuleSlots:
             gate = torch.zeros(mor_entries, max_experts, d_in, device=device, dtype=dtype)
             gate_bias = torch.full((mor_entries, max_experts), float("-inf"), device=device, dtype=dtype)
             row_expert = torch.zeros(mor_entries, max_rank, device=device, dtype=torch.long)
+        rows = sum(r * n for r, n in buckets)
+        a_flat = torch.zeros(rows + 1, d_in, device=device, dtype=dtype)
+        bt_flat = torch.zeros(rows + 1, d_out, device=device, dtype=dtype)
+        starts = [sum(r * n for r, n in buckets[:b]) for b in range(len(buckets))]
         return cls(
-            d_in, d_out,
-            a=[torch.zeros(n, r, d_in, device=device, dtype=dtype) for r, n in buckets],
-            bt=[torch.zeros(n, r, d_out, device=device, dtype=dtype) for r, n in buckets],
+            d_in, d_out, a_flat, bt_flat,
+            a=[a_flat[s:s + r * n].view(n, r, d_in) for s, (r, n) in zip(starts, buckets, strict=True)],
+            bt=[bt_flat[s:s + r * n].view(n, r, d_out) for s, (r, n) in zip(starts, buckets, strict=True)],
             ranks=torch.zeros(num_slots, device=device, dtype=torch.int32),
             out_scale=torch.ones(num_slots + 1, d_out, device=device, dtype=dtype),
             gate=gate, gate_bias=gate_bias, row_expert=row_expert,

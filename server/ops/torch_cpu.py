@@ -1,21 +1,23 @@
 """The vectorised torch path of the batched low-rank op (CPU, and any device without Triton).
 
-Per step and module: one gather of the adapter tokens' activations, then per USED rank bucket (a short
-host-side list from the plan, never a loop over adapters or tokens) a segmented shrink ``h = A x`` and
-expand ``B h`` over the bucket's slot buffers, scattered back with one ``index_add_``. Cost follows the
-bucket's rank, never the pool-wide maximum. Two formulations of the segmented products:
+Per step and module: one gather of the adapter tokens' activations x, the correction computed by one of
+the formulations below (never a Python loop over adapters or tokens), scattered back into y with one
+``index_add_``; then out_scale as a per-token row gather of the module's g table (row S = ones).
 
-- ``grouped``: ``torch._grouped_mm`` with per-slot offsets over the used local slots lo..hi reads each
-  slot's weights in place (no weight copy). Its CPU build loops over groups (~1 us per empty group,
-  ~4 us per small one), so it wins when segments are long (prefill). Needs torch 2.9+ and row strides
-  that are multiples of 16 bytes.
-- ``gather``: copies each token's A/B rows ([n, R, d]) and runs ``bmm``: fewer, larger calls, which
-  wins when segments hold a token or two (decode).
-- ``auto`` (default): per bucket and step, ``grouped`` when it is usable and the bucket averages at
-  least ``GROUPED_MIN_TOKENS`` tokens per segment, else ``gather`` (bench/bench_lowrank.py measured it).
+- rows gather (decode-like steps: fewer than ``GROUPED_MIN_TOKENS`` tokens per adapter on average):
+  ``plan.rows`` names, for every token, the flat-table rows of its adapter's rank, padded to the step's
+  largest rank with the zero row. One ``index_select`` + ``bmm`` for the shrink and the same for the
+  expand, whatever the number of buckets; DRAM reads follow each adapter's rank (the padding reads one
+  cached zero row). When most tokens carry adapters the table is in token order and the expand
+  accumulates straight into y (``baddbmm_``): no gather of x, no scatter.
+- grouped (prefill-like steps): per used rank bucket, ``torch._grouped_mm`` over the used local slots
+  lo..hi reads each slot's weights in place. Its CPU build loops over groups (~1 us per empty group,
+  ~4 us per small one), so it pays off only on long segments. Needs torch 2.9+ and 16-byte row strides.
+- bucket gather: per bucket, gathers each token's [R_b, d] rows and runs ``bmm``: the fallback where
+  neither of the above applies (unaligned shapes, a row table over ``plan.ROWS_CAP``).
 
-MoR scales h per token by the router weight of each rank row's expert; out_scale is a per-token row
-gather of the module's g table (row S = ones), applied after the correction and before the bias.
+``strategy``: "auto" (the choice above), or "gather" / "grouped" to force one for tests and benchmarks.
+MoR multiplies rank row i*r + j of h by the token's router weight v_i (``route``).
 """
 
 from __future__ import annotations
@@ -63,26 +65,59 @@ class TorchLowRank:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, slots: ModuleSlots) -> torch.Tensor:
         if plan.buckets:
             assert plan.order is not None
-            xs = x.index_select(0, plan.order)  # [T_a, d_in], adapter tokens sorted by (bucket, slot)
-            for bp in plan.buckets:
-                xb = xs[bp.start:bp.stop]  # [n, d_in]
-                a, bt = slots.a[bp.bucket], slots.bt[bp.bucket]  # [n_b, R, d_in], [n_b, R, d_out]
-                if self._grouped(bp, slots, x.element_size()):
-                    hi = bp.lo + bp.offs.shape[0]
-                    h = torch._grouped_mm(xb, a[bp.lo:hi].transpose(1, 2), offs=bp.offs)  # [n, R]
-                    if bp.mor_rows is not None:
-                        h = route(h, xb.index_select(0, bp.mor_rows), bp, slots)
-                    delta = torch._grouped_mm(h, bt[bp.lo:hi], offs=bp.offs)  # [n, d_out]
-                else:
-                    # x as the row operand ([n, 1, d] @ [n, d, R]): MKL runs [n, R, d] @ [n, d, 1] ~10x slower
-                    h = torch.bmm(xb.unsqueeze(1), a.index_select(0, bp.local_slots).transpose(1, 2)).squeeze(1)
-                    if bp.mor_rows is not None:
-                        h = route(h, xb.index_select(0, bp.mor_rows), bp, slots)
-                    delta = torch.bmm(h.unsqueeze(1), bt.index_select(0, bp.local_slots)).squeeze(1)
-                y.index_add_(0, plan.order[bp.start:bp.stop], delta)
+            if self._rows(plan) and plan.rows_by_token:
+                self._gather_rows(x, y, plan, slots)
+            elif self._rows(plan):
+                xs = x.index_select(0, plan.order)  # [T_a, d_in]
+                y.index_add_(0, plan.order, self._gather_rows(xs, None, plan, slots))
+            else:
+                xs = x.index_select(0, plan.order)  # [T_a, d_in], adapter tokens sorted by (bucket, slot)
+                for bp in plan.buckets:
+                    delta = self._bucket(xs[bp.start:bp.stop], bp, slots)  # [n, d_out]
+                    y.index_add_(0, plan.order[bp.start:bp.stop], delta)
         if plan.scale_rows is not None:
             y.mul_(slots.out_scale.index_select(0, plan.scale_rows))  # [T, d_out] rows of g
         return y
+
+    def _rows(self, plan: BatchPlan) -> bool:
+        """Decode-like steps (a token or two per adapter) take one padded gather over every bucket."""
+        if plan.rows is None or self.strategy == "grouped":
+            return False
+        return self.strategy == "gather" or len(plan.order) < GROUPED_MIN_TOKENS * plan.num_segments
+
+    def _gather_rows(self, xs: torch.Tensor, y: torch.Tensor | None, plan: BatchPlan,
+                     slots: ModuleSlots) -> torch.Tensor:
+        """Each token's rank rows straight from the flat tables: DRAM reads follow each adapter's rank;
+        rows past it point to the one zero row (which stays in cache). xs [N, d_in] are the rows' tokens;
+        with ``y`` [N, d_out] the correction is accumulated into it, else returned."""
+        assert plan.rows is not None
+        N, R = plan.rows.shape
+        flat = plan.rows.reshape(-1)  # [N * R]
+        a = slots.a_flat.index_select(0, flat).view(N, R, slots.d_in)
+        # x as the row operand ([n, 1, d] @ [n, d, R]): MKL runs [n, R, d] @ [n, d, 1] ~10x slower
+        h = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2)).squeeze(1)  # [N, R]
+        if plan.mor_pos is not None:
+            assert plan.mor_index is not None
+            h = route(h, xs.index_select(0, plan.mor_pos), plan.mor_pos, plan.mor_index, slots)
+        bt = slots.bt_flat.index_select(0, flat).view(N, R, slots.d_out)
+        if y is not None:
+            return y.unsqueeze(1).baddbmm_(h.unsqueeze(1), bt).squeeze(1)  # [N, d_out], in place
+        return torch.bmm(h.unsqueeze(1), bt).squeeze(1)  # [N, d_out]
+
+    def _bucket(self, xb: torch.Tensor, bp: BucketPlan, slots: ModuleSlots) -> torch.Tensor:
+        a, bt = slots.a[bp.bucket], slots.bt[bp.bucket]  # [n_b, R, d_in], [n_b, R, d_out]
+        grouped = self._grouped(bp, slots, xb.element_size())
+        hi = bp.lo + bp.offs.shape[0]  # grouped GEMMs run over the used local slots lo..hi only
+        if grouped:
+            h = torch._grouped_mm(xb, a[bp.lo:hi].transpose(1, 2), offs=bp.offs)  # [n, R]
+        else:
+            h = torch.bmm(xb.unsqueeze(1), a.index_select(0, bp.local_slots).transpose(1, 2)).squeeze(1)
+        if bp.mor_rows is not None:
+            assert bp.mor_index is not None
+            h = route(h, xb.index_select(0, bp.mor_rows), bp.mor_rows, bp.mor_index, slots)
+        if grouped:
+            return torch._grouped_mm(h, bt[bp.lo:hi], offs=bp.offs)  # [n, d_out]
+        return torch.bmm(h.unsqueeze(1), bt.index_select(0, bp.local_slots)).squeeze(1)
 
     def _grouped(self, bp: BucketPlan, slots: ModuleSlots, itemsize: int) -> bool:
         if self.strategy == "gather" or not HAS_GROUPED_MM:
@@ -92,13 +127,13 @@ class TorchLowRank:
         return self.strategy == "grouped" or bp.num_tokens >= GROUPED_MIN_TOKENS * bp.num_segments
 
 
-def route(h: torch.Tensor, xm: torch.Tensor, bp: BucketPlan, slots: ModuleSlots) -> torch.Tensor:
-    """MoR: multiply rank row i*r + j of h [n, R] by v_i = softmax(G x)_i for the bucket's MoR tokens,
-    whose activations are ``xm`` [m, d_in] (rows ``bp.mor_rows`` of the bucket)."""
-    assert bp.mor_rows is not None and bp.mor_index is not None
+def route(h: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, entries: torch.Tensor,
+          slots: ModuleSlots) -> torch.Tensor:
+    """MoR: multiply rank row i*r + j of h [n, R] by v_i = softmax(G x)_i at rows ``pos`` [m] (MoR tokens,
+    activations ``xm`` [m, d_in], MoR table entries ``entries`` [m])."""
     assert slots.gate is not None and slots.gate_bias is not None and slots.row_expert is not None
-    gate = slots.gate.index_select(0, bp.mor_index)  # [m, E, d_in]: E is small (router experts)
+    gate = slots.gate.index_select(0, entries)  # [m, E, d_in]: E is small (router experts)
     logits = torch.bmm(gate, xm.unsqueeze(2)).squeeze(2)  # [m, E]
-    v = torch.softmax(logits + slots.gate_bias.index_select(0, bp.mor_index), dim=-1)  # [m, E]
-    experts = slots.row_expert.index_select(0, bp.mor_index)[:, :bp.rank]  # [m, R]
-    return h.index_copy(0, bp.mor_rows, h.index_select(0, bp.mor_rows) * v.gather(1, experts))
+    v = torch.softmax(logits + slots.gate_bias.index_select(0, entries), dim=-1)  # [m, E]
+    experts = slots.row_expert.index_select(0, entries)[:, :h.shape[1]]  # [m, R]
+    return h.index_copy(0, pos, h.index_select(0, pos) * v.gather(1, experts))

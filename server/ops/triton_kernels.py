@@ -120,7 +120,8 @@ class TritonLowRank:
                     slots.d_in, bp.rank, x.stride(0), a.stride(0), a.stride(1), h.stride(0),
                     BLOCK_M=BLOCK_M, BLOCK_K=self.block_k, BLOCK_R=_pow2(bp.rank))
                 if bp.mor_rows is not None:
-                    h = route(h, x.index_select(0, order.index_select(0, bp.mor_rows)), bp, slots)
+                    h = route(h, x.index_select(0, order.index_select(0, bp.mor_rows)), bp.mor_rows, bp.mor_index,
+                              slots)
                 _expand_kernel[(bp.num_segments, tiles, triton.cdiv(slots.d_out, self.block_n))](
                     h, bt, ranks, bp.seg_starts, bp.seg_slots, order, y,
                     slots.d_out, h.stride(0), bt.stride(0), bt.stride(1), y.stride(0),
