@@ -13,6 +13,7 @@ from torch import nn
 
 from adapters_store.format import CompiledAdapter, load_file
 from adapters_store.semantics import module_forward
+from adapters_store.validate import Limits, validate
 from trainer.data import build_datasets, collate, toy_records
 from trainer.export import build_adapter, write_adapter
 from trainer.loop import TrainConfig, train
@@ -85,6 +86,7 @@ def test_method_conformance(method, base_name, task, request, tmp_path):
     path = tmp_path / "adapter.safetensors"
     write_adapter(build_adapter(base, result, method, task), path, base)
     adapter = load_file(path)
+    validate(adapter, pristine, Limits())
     meta = adapter.meta
     assert (meta.method, meta.task, meta.base_model, meta.base_fingerprint) == (method, task, base_name, pristine.fingerprint)
     assert meta.ranks == {p: mw.rank for p, mw in adapter.modules.items()} and adapter.modules

@@ -1,8 +1,8 @@
 """Compile every wrapped module into the serving form and write one CompiledAdapter file.
 
 Each method's ``compile()`` owns its scale folding; this module only gathers the results, the head
-and the metadata, and checks the bytes read back (and validate against the base, when the store's
-validator is present) before the file is written atomically.
+and the metadata, and validates the bytes read back against the base (``adapters_store.validate``,
+as the server will) before the file is written atomically.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterMeta, CompiledAdapter, ModuleWeights, loads
+from adapters_store.validate import Limits, validate
 from trainer.methods.base import fp32
 
 
@@ -51,34 +52,10 @@ def build_adapter(base: BaseModel, result, method: str, task: str) -> CompiledAd
     return CompiledAdapter(meta=meta, modules=modules, head_weight=head_w, head_bias=head_b)
 
 
-def check_against_base(adapter: CompiledAdapter, base: BaseModel) -> None:
-    """Run the store's validator when it exists; otherwise check shapes against the base targets."""
-    try:
-        from adapters_store.validate import Limits, validate  # optional until the store's validator lands
-    except ImportError:
-        validate = None
-    if validate is not None:
-        validate(adapter, base, Limits())
-        return
-    problems = []
-    for path, mw in adapter.modules.items():
-        if path not in base.targets:
-            problems.append(f"{path} is not a target module of {base.name}")
-            continue
-        d_in, d_out = base.targets[path]
-        if mw.lora_a.shape[1] != d_in or mw.lora_b.shape[0] != d_out:
-            problems.append(f"{path}: lora_a {tuple(mw.lora_a.shape)} / lora_b {tuple(mw.lora_b.shape)} "
-                            f"do not fit d_in={d_in}, d_out={d_out}")
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
 def write_adapter(adapter: CompiledAdapter, path: str | Path, base: BaseModel | None = None) -> int:
     """Serialise, read back, validate, then write atomically (temp file + rename). Returns the size."""
     data = adapter.to_bytes()
-    loads(data)
-    if base is not None:
-        check_against_base(adapter, base)
+    validate(loads(data), base, Limits())  # what the server will check: shapes, fingerprint, finite, caps
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
