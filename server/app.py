@@ -17,10 +17,11 @@ from starlette.concurrency import run_in_threadpool
 
 from server.adapters_api import router as adapters_router
 from server.auth import Principal
+from server.completions import HUNG_GRACE_S
 from server.completions import router as completions_router
 from server.config import Settings
 from server.deps import ERROR_RESPONSES, adapter_of, get_state, inference_principal, watch_disconnect
-from server.errors import InvalidParameter
+from server.errors import DeadlineExceeded, InvalidParameter
 from server.metrics import Metrics
 from server.middleware import EdgeMiddleware, install_error_handlers
 from server.schemas import Classification, ClassifyRequest, ClassifyResponse, ModelCard, ModelList
@@ -116,7 +117,13 @@ def _models_and_classify(app: FastAPI) -> None:
         work = asyncio.ensure_future(engine.classify(adapter_id, body.texts, principal.tenant))
         watch = watch_disconnect(request, work.cancel)  # a gone client's job is skipped by the engine
         try:
-            results = await asyncio.wait_for(work, state.settings.request_timeout + 5.0)
+            results = await asyncio.wait_for(work, state.settings.request_timeout + HUNG_GRACE_S)
+        except asyncio.TimeoutError:  # the engine answers 504 itself at the deadline; this guards a hung one
+            raise DeadlineExceeded("classification got no answer from the engine by its deadline") from None
+        except asyncio.CancelledError:
+            if watch.done() and not watch.cancelled():  # the client left: nobody reads an answer
+                return Response(status_code=499)
+            raise
         finally:
             watch.cancel()
         data = [Classification(index=i, label=label, scores=scores) for i, (label, scores) in enumerate(results)]

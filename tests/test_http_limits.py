@@ -145,7 +145,8 @@ def _asgi_scope(path: str, payload: bytes) -> dict:
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]}
 
 
-async def _call_then_leave(app, payload: bytes, leave_after_chunks: int, leave_after_s: float | None = None):
+async def _call_then_leave(app, payload: bytes, leave_after_chunks: int, leave_after_s: float | None = None,
+                           path: str = "/v1/completions"):
     """Drive the ASGI app like a client that disconnects after some body chunks (or some seconds)."""
     gone = asyncio.Event()
     chunks: list[bytes] = []
@@ -167,8 +168,15 @@ async def _call_then_leave(app, payload: bytes, leave_after_chunks: int, leave_a
 
     if leave_after_s is not None:
         asyncio.get_running_loop().call_later(leave_after_s, gone.set)
-    await asyncio.wait_for(app(_asgi_scope("/v1/completions", payload), receive, send), 30)
-    return chunks
+    statuses: list[int] = []
+
+    async def send_status(message):
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+        await send(message)
+
+    await asyncio.wait_for(app(_asgi_scope(path, payload), receive, send_status), 30)
+    return chunks, statuses
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -179,7 +187,7 @@ def test_client_gone_while_generating_aborts_within_a_step(tmp_path, stream):  #
         payload = json.dumps(body(n=200, stream=stream)).encode()
         start = time.monotonic()
         if stream:
-            chunks = asyncio.run(_call_then_leave(client.app, payload, leave_after_chunks=2))
+            chunks, _ = asyncio.run(_call_then_leave(client.app, payload, leave_after_chunks=2))
             assert 2 <= len(chunks) < 50
         else:
             asyncio.run(_call_then_leave(client.app, payload, leave_after_chunks=1, leave_after_s=0.3))
@@ -210,3 +218,31 @@ def test_client_gone_while_queued_never_runs(tmp_path):  # row 24
         first[0].join(30)
         wait_for(lambda: idle(engine), timeout=5)
         assert metric(state.metrics.render().decode(), "rankserve_generation_tokens_total") == 2  # only the first ran
+
+
+def test_client_gone_while_classify_is_queued_skips_it(tmp_path, tiny_llama):  # row 24, classify
+    with app_client("tiny-llama", tmp_path) as (client, state):
+        engine = state.runtime.engine
+        blob = compiled_bytes(tiny_llama, "lora", 4, seed=3, task="classify")
+        assert client.post("/v1/adapters", **multipart("cls", {"c.safetensors": blob})).status_code == 201
+        runs = []
+        inner = engine.classifier._forward
+        engine.classifier._forward = lambda batch: runs.append(len(batch)) or inner(batch)
+        gate = Gate(engine)
+        first = in_thread(client.post, "/v1/completions", json=body(n=2))
+        assert gate.entered.wait(10)  # the engine thread is held inside a generate step
+        payload = json.dumps({"model": "cls", "input": ["a", "b"]}).encode()
+
+        async def leave_then_release():
+            task = asyncio.ensure_future(_call_then_leave(client.app, payload, 1, leave_after_s=0.2, path="/v1/classify"))
+            await asyncio.sleep(0.5)
+            gate.release()
+            return await task
+
+        _, statuses = asyncio.run(leave_then_release())
+        assert statuses == [499]
+        first[0].join(30)
+        wait_for(lambda: idle(engine) and not engine.classifier.jobs)
+        assert runs == []  # the abandoned job never reached the model
+        r = client.post("/v1/classify", json={"model": "cls", "input": ["a"]})
+        assert r.status_code == 200 and runs == [1]
