@@ -141,7 +141,7 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
     subject = subject.clamp(min=0)
     R = int(table.slot_rank[sorted_slots].max())
     h_rows = None
-    if subject.numel() * R <= ROWS_CAP:
+    if 0 < R and subject.numel() * R <= ROWS_CAP:
         k = torch.arange(R)  # [R]
         rank = torch.where(known, table.slot_rank[subject], 0)[:, None]  # [N, 1]
         h_rows = pack.add(torch.where(k < rank, table.row0[subject][:, None] + k, table.zero_row))  # [N, R]
