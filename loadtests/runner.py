@@ -164,24 +164,28 @@ class RssSampler(threading.Thread):
             self.stop.wait(self.every)
 
 
-def locust_env(args, manifest_path: Path, rate: float = 0.0) -> dict[str, str]:
+def locust_env(args, manifest_path: Path, rate: float, users: int) -> dict[str, str]:
     return dict(os.environ, RANKSERVE_LT_MANIFEST=str(manifest_path), RANKSERVE_LT_API_KEY=args.api_key or "",
                 RANKSERVE_LT_ADMIN_KEY=args.admin_key or args.api_key or "",
-                RANKSERVE_LT_MAX_TOKENS=str(args.max_tokens), RANKSERVE_LT_SHAPE="1" if args.shape else "0",
-                RANKSERVE_LT_USERS=str(args.users), RANKSERVE_LT_TIMEOUT=str(args.request_timeout),
+                RANKSERVE_LT_MAX_TOKENS=str(args.max_tokens),
+                RANKSERVE_LT_SHAPE="1" if getattr(args, "shape", False) else "0",
+                RANKSERVE_LT_USERS=str(users), RANKSERVE_LT_TIMEOUT=str(args.request_timeout),
                 RANKSERVE_LT_RATE=str(rate))
 
 
-def run_locust(args, host: str, manifest_path: Path, name: str = "locust", rate: float = 0.0) -> Path:
+def run_locust(args, host: str, manifest_path: Path, name: str = "locust", rate: float = 0.0,
+               users: int | None = None, duration: int | None = None) -> Path:
     """Locust headless in its own process (it patches sockets), bounded by -t plus the stop timeout."""
     prefix = Path(args.out) / name
+    users = users or args.users
+    duration = duration or args.duration
     cmd = [str(ROOT / ".venv/bin/locust"), "-f", str(ROOT / "loadtests/locustfile.py"), "--headless",
-           "-u", str(args.users), "-r", str(args.spawn_rate), "-t", f"{args.duration}s", "--host", host,
+           "-u", str(users), "-r", str(args.spawn_rate), "-t", f"{duration}s", "--host", host,
            "--csv", str(prefix), "--csv-full-history", "--only-summary", "--stop-timeout", "30",
            "--exit-code-on-error", "0"]
     with open(Path(args.out) / f"{name}.log", "wb") as log:
-        subprocess.run(cmd, env=locust_env(args, manifest_path, rate), check=True, stdout=log,
-                       stderr=subprocess.STDOUT, timeout=args.duration + 120)
+        subprocess.run(cmd, env=locust_env(args, manifest_path, rate, users), check=True, stdout=log,
+                       stderr=subprocess.STDOUT, timeout=duration + 120)
     return prefix
 
 
@@ -347,6 +351,7 @@ def add_common_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--request-timeout", type=float, default=300.0, help="client timeout per request (s)")
     ap.add_argument("--api-key", default=os.environ.get("RANKSERVE_API_KEY"))
     ap.add_argument("--admin-key", default=os.environ.get("RANKSERVE_ADMIN_KEY"))
+    ap.add_argument("--store", default=None, help="store directory of the started server (default: OUT/store)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra flag for `rankserve serve`, e.g. --server-arg=--max-queue=16 (repeatable)")
 
@@ -379,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     if host is None:
         port = free_port()
         host = f"http://127.0.0.1:{port}"
-        server = start_server(args, out / "store", port)
+        server = start_server(args, Path(args.store) if args.store else out / "store", port)
     try:
         wait_ready(host, timeout=600)
         admin = {"Authorization": f"Bearer {args.admin_key}"} if args.admin_key else {}
