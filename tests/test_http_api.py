@@ -226,3 +226,14 @@ def test_probes(srv):
     assert client.get("/ready").status_code == 200
     assert client.get("/openapi.json").json()["paths"]["/v1/completions"]
     assert client.get("/docs").status_code == 200
+
+
+def test_stop_strings_and_seeds_reach_the_sampler(srv):
+    client, _ = srv
+    full = complete(client, model="gen", prompt="Once", max_tokens=12).json()["choices"][0]["text"]
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    cut = complete(client, model="gen", prompt="Once", max_tokens=12, stop=[stop], ignore_eos=False).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and stop not in cut["text"] and full.startswith(cut["text"])
+    sampled = [complete(client, model="gen", prompt="Once", max_tokens=12, temperature=1.0, seed=s).json()
+               ["choices"][0]["text"] for s in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]
