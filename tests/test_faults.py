@@ -3,8 +3,9 @@ port, while it is under load: SIGTERM (RELIABILITY row 29), many clients leaving
 streaming (row 24), adapter files damaged on disk behind the server's back (row 22), uploads and deletes
 of one id racing (rows 9, 25, 26), and a burst over more cold adapters than device slots (row 21).
 
-Single-request versions of rows 24 and 25 live in test_e2e_server.py and test_http_limits.py; these add
-concurrency and the real process. Every thread pool and loop here is bounded in count and time.
+Single-request versions of rows 24 and 25 live in test_e2e_server.py and test_http_limits.py, and SIGTERM
+with every request running in test_e2e_lifecycle.py; these add concurrency, queued requests and the real
+process. Every thread pool and loop here is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ def srv(tmp_path_factory):
         yield server
 
 
-def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_0(tmp_path):  # row 29
+def test_sigterm_with_requests_still_queued_serves_them_too_then_exits_0(tmp_path):  # row 29
+    """test_e2e_lifecycle covers streams that are all running at SIGTERM; here some requests are still
+    waiting in the queue (max-running 2): they are in flight too, so they run and finish during the drain,
+    while liveness stays 200 and a new request gets 503 with Retry-After."""
     srv = LiveServer(tmp_path, "tiny-llama", "--demo-adapters", "--max-running", "2", "--max-queue", "16",
                      "--max-model-len", "512", "--drain-timeout", str(DRAIN_S)).start()
     try:
