@@ -41,8 +41,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None, metrics: Metr
         try:
             yield
         finally:
-            if runtime is None:  # the app loaded it, so the app shuts it down
-                state.close()
+            state.close(stop_engine=runtime is None)  # an engine the app loaded is the app's to stop
 
     app = FastAPI(title="rankserve", version=VERSION, lifespan=lifespan,
                   description="OpenAI-compatible serving of many low-rank adapters on one base model")

@@ -101,6 +101,7 @@ class EventReader:
 
 async def _generate(request: Request, body: SamplingRequest, principal: Principal, chat: bool):
     state = get_state(request)
+    deadline = time.monotonic() + state.settings.request_timeout
     rt = state.require()
     engine = rt.engine
     if body.n != 1:
@@ -115,7 +116,6 @@ async def _generate(request: Request, body: SamplingRequest, principal: Principa
     if max_tokens is None:  # chat default: whatever the context leaves (the engine refuses 0 with 400)
         max_tokens = max(1, engine.max_model_len - len(prompt_ids))
     rid = request.state.request_id
-    deadline = time.monotonic() + state.settings.request_timeout
     params = GenerateParams(
         prompt_ids=prompt_ids, adapter_id=adapter_id, owner=principal.tenant, max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,

@@ -209,7 +209,6 @@ class EdgeMiddleware:
                     return
             await self.app(scope, receive, send_with_id)
         except Exception:
-            event("unhandled error", logging.ERROR, path=path)
             logging.getLogger("rankserve").exception("unhandled error serving %s %s", method, path)
             if status[0] == 499:
                 await json_error(500, error_payload(500, "internal server error"))(scope, receive, send_with_id)

@@ -88,8 +88,8 @@ class ServerState:
             time.sleep(0.05)
         return self.idle()
 
-    def close(self) -> None:
-        if self.runtime is not None:
+    def close(self, stop_engine: bool = True) -> None:
+        if stop_engine and self.runtime is not None:
             self.runtime.engine.shutdown()
         shutil.rmtree(self.upload_dir, ignore_errors=True)
 
