@@ -5,10 +5,14 @@
 1. start a server on loopback with a small admission bound (--max-running/--max-queue below), so that
    offered load above capacity is refused with 429 instead of queueing without end;
 2. upload the fixed adapters (kept if already in the store) and record their ids and digests;
-3. capacity: a closed-loop run (--capacity-users users, short think time) for --capacity-seconds;
-   capacity = completed HTTP requests per second;
+3. capacity: a closed-loop run (max-running + max-queue users, short think time, so the server is
+   saturated without refusing) for --capacity-seconds; capacity = completed HTTP requests per second.
+   The soak is generate-only by default (--classify-adapters 0): classification requests are ~10x
+   cheaper, and a closed loop would weight them by their speed, unlike the paced soak;
 4. soak: --users users, each paced at factor * capacity / users tasks per second (Locust's
-   constant_throughput), for --duration seconds, while the server's RSS is sampled every --rss-every s;
+   constant_throughput), for --duration seconds, while the server's RSS is sampled every --rss-every s.
+   A user waiting on a slow answer cannot keep its pace, so --users must be well above what the server
+   admits; the rate actually offered (including 429s) is reported next to the target;
 5. list the adapters again, SIGTERM the server (drain) and check its exit code.
 
 Pass: no unexpected client failures; no 5xx at the server (the documented 503 appears only while
@@ -85,7 +89,7 @@ def plot(prefix: Path, rss: list, rate_target: float, out: Path) -> None:
     for entry in [e for e in hist if e.startswith("REJECTED")]:
         rows = hist[entry]
         axes[1].plot([(t - t0) / 60 for t, _ in rows], [float(r["Requests/s"] or 0) for _, r in rows],
-                     label=entry.lower().replace("rejected", "rejected/s"))
+                     label=entry.replace("REJECTED", "rejected/s:"))
     axes[1].axhline(rate_target, linestyle=":", color="grey", label="target offered rate")
     axes[1].set_xlabel("minutes of soak")
     axes[1].set_ylabel("rate (10 s window)")
@@ -98,11 +102,11 @@ def plot(prefix: Path, rss: list, rate_target: float, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     runner.add_common_arguments(ap)
-    ap.set_defaults(adapters=20, users=24)
+    ap.set_defaults(adapters=20, users=48, classify_adapters=0)
     ap.add_argument("--duration", type=int, default=600, help="seconds of soak")
     ap.add_argument("--factor", type=float, default=2.0, help="offered load as a multiple of capacity")
     ap.add_argument("--capacity-seconds", type=int, default=60)
-    ap.add_argument("--capacity-users", type=int, default=12)
+    ap.add_argument("--capacity-users", type=int, default=None, help="default: max-running + max-queue")
     ap.add_argument("--max-running", type=int, default=8, help="the server's --max-running")
     ap.add_argument("--max-queue", type=int, default=8, help="the server's --max-queue")
     ap.add_argument("--rss-every", type=float, default=5.0)
@@ -127,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         fixed_before = fixed_adapters(host, admin, ids)
 
         t0 = time.monotonic()
-        cap_prefix = runner.run_locust(args, host, manifest_path, name="capacity", users=args.capacity_users,
+        cap_users = args.capacity_users or args.max_running + args.max_queue
+        cap_prefix = runner.run_locust(args, host, manifest_path, name="capacity", users=cap_users,
                                        duration=args.capacity_seconds)
         cap_wall = time.monotonic() - t0
-        per_s = runner.client_view(cap_prefix, cap_wall)["completed"] / cap_wall
+        cap_view = runner.client_view(cap_prefix, cap_wall)
+        per_s = cap_view["completed"] / cap_wall
         rate = args.factor * per_s / args.users
         print(f"capacity {per_s:.2f} completed requests/s; soak: {args.users} users at {rate:.3f}/s each", flush=True)
 
@@ -149,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = runner.summarise(args, prefix, before, after, sampler.samples, wall)
     summary["command"] = " ".join(["loadtests/run --soak", *sys.argv[1:]])
     summary["capacity_requests_per_second"] = round(per_s, 3)
+    summary["capacity_run"] = {k: cap_view[k] for k in ("requests", "completed", "rejected", "failures")}
     summary["offered_requests_per_second_target"] = round(args.factor * per_s, 3)
+    summary["offered_over_capacity"] = round(summary["requests_per_second"] / per_s, 2) if per_s else None
     summary["rss"] = rss_figures(sampler.samples)
     summary["fixed_adapters"] = {"before": len(fixed_before), "after": len(fixed_after),
                                  "unchanged": fixed_before == fixed_after and len(fixed_before) == len(ids)}
@@ -164,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "soak.json").write_text(json.dumps(summary, indent=1))
     (out / "rss.csv").write_text("seconds,rss_mib\n" + "".join(f"{t:.1f},{m:.1f}\n" for t, m in sampler.samples))
     rss = summary["rss"]
-    extra = [f"| capacity (completed req/s) / offered target (req/s) | {summary['capacity_requests_per_second']} / "
-             f"{summary['offered_requests_per_second_target']} |",
+    extra = [f"| capacity (completed req/s) / offered target / offered actually (req/s) | "
+             f"{summary['capacity_requests_per_second']} / {summary['offered_requests_per_second_target']} / "
+             f"{summary['requests_per_second']} ({summary['offered_over_capacity']}x capacity) |",
              f"| RSS first / last / peak (MiB) | {rss.get('first_mib')} / {rss.get('last_mib')} / {rss.get('peak_mib')} |",
              f"| RSS slope whole / second half (MiB/min) | {rss.get('slope_mib_per_min')} / {slope} |",
              f"| fixed adapters before / after, unchanged | {len(fixed_before)} / {len(fixed_after)}, "
