@@ -82,10 +82,10 @@ class LoopLowRank:
 
 
 class Bench:
-    def __init__(self, name: str, batches: list[int], reps: int, ctx: int, alternatives: bool, peft: bool,
+    def __init__(self, name: str, batches: list[int], reps: int, ctx: int, alternatives: bool, peft: int,
                  peaks: tuple[float, float]):
         self.name, self.batches, self.reps, self.ctx = name, batches, reps, ctx
-        self.alternatives, self.peft = alternatives, peft
+        self.alternatives, self.peft, self.peft_max_batch = alternatives, peft > 0, peft
         self.flops_peak, self.bw_peak = peaks
         torch.manual_seed(0)
         cfg = LlamaConfig(**CONFIGS[name], max_position_embeddings=4096)
@@ -194,7 +194,7 @@ class Bench:
             record(f"(b') one bucket r16 {pool.op.name}", t, [16] * B)
             self.uninstall()
             del pool
-        if self.peft:
+        if self.peft and B <= self.peft_max_batch:
             t, logits_c = self.peft_step(B, ranks, adapters, cache)
             record("(c) peft adapter_names", t, ranks)
             err = (logits_c - logits_b).abs().max().item()
@@ -280,6 +280,8 @@ def main() -> None:
                    help="torch threads (1: on a shared 2-core box, a second OpenMP thread waits on busy cores)")
     p.add_argument("--wall", action="store_true", help="wall-clock times even with --threads 1")
     p.add_argument("--no-peft", action="store_true")
+    p.add_argument("--peft-max-batch", type=int, default=32,
+                   help="largest B for (c): PEFT's add_adapter slows down with every adapter (B=128: >5 min)")
     p.add_argument("--alternatives", action="store_true", help="also time the op's other formulations")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -297,7 +299,7 @@ def main() -> None:
         big = name != "smollm2-135m"
         batches = [int(b) for b in (args.big_batches if big else args.batches).split(",")]
         bench = Bench(name, batches, args.big_reps if big else args.reps, args.ctx, args.alternatives,
-                      not args.no_peft, peaks)
+                      0 if args.no_peft else args.peft_max_batch, peaks)
         bench.run()
         del bench
     print(f"load avg at the end {os.getloadavg()[0]:.2f}")

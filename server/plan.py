@@ -79,6 +79,7 @@ class BatchPlan:
     rows: torch.Tensor | None = None  # [N, R] long: flat-table row of rank row k of each token, R = the step's
     #   largest slot rank, the zero row past a token's own rank (and for base tokens); None if N * R > ROWS_CAP
     rows_by_token: bool = False  # rows are in token order (N = T; most tokens have adapters), else ``order`` (N = T_a)
+    single: tuple[int, int, int] | None = None  # (bucket, local slot, rank rows) when ONE adapter has tokens
     mor_pos: torch.Tensor | None = None  # [m] long: positions of the MoR tokens among the rows' N tokens
     mor_index: torch.Tensor | None = None  # [m] long: their MoR table entries
 
@@ -135,7 +136,13 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
         # Tokens of the base or of adapters without out_scale read row S of the table: all ones.
         h_scale = pack.add(torch.where((host >= 0) & table.scaled[host.clamp(min=0)], host, torch.full_like(host, S)))
     # The row table: in token order when most tokens carry adapters (no gather of x, no scatter of y).
-    by_token = 2 * sorted_slots.numel() >= T
+    # One adapter alone (a single segment): its rows in ``order``, so the op can use plain slot views.
+    single = None
+    if len(specs) == 1 and specs[0][3] == specs[0][5] - specs[0][4]:
+        b, _, base_slot, _, _, _, _, _ = specs[0]
+        slot = int(sorted_slots[0])
+        single = (b, slot - base_slot, int(table.slot_rank[slot]))
+    by_token = single is None and 2 * sorted_slots.numel() >= T
     subject = host if by_token else sorted_slots  # [N] slots of the rows' tokens, -1 = base
     known = subject >= 0
     subject = subject.clamp(min=0)
@@ -159,6 +166,7 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
         T, dev_slots, dev[h_order], buckets, None if h_scale is None else dev[h_scale],
         num_segments=int((counts > 0).sum()),
         rows=None if h_rows is None else dev[h_rows].view(subject.numel(), R), rows_by_token=by_token,
+        single=single,
         mor_pos=None if h_mor is None else dev[h_mor[0]], mor_index=None if h_mor is None else dev[h_mor[1]])
 
 

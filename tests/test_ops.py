@@ -59,7 +59,7 @@ def adapter_of(mw: ModuleWeights | None, form: str) -> CompiledAdapter:
 
 
 def check(backend: str, dtype: torch.dtype, d_in: int, d_out: int, specs: list[tuple[str, int]], T: int,
-          seed: int, shape3d: bool = False, device: str = "cpu") -> None:
+          seed: int, shape3d: bool = False, device: str = "cpu", with_base: bool = True) -> None:
     gen = torch.Generator().manual_seed(seed)
     base = one_linear_base(d_in, d_out, dtype, seed)
     base.model.to(device)
@@ -69,7 +69,7 @@ def check(backend: str, dtype: torch.dtype, d_in: int, d_out: int, specs: list[t
     mws = [module_of(form, rank, d_in, d_out, gen) for form, rank in specs]
     slots = [pool.acquire(f"a{i}", lambda mw=mw, f=f: adapter_of(mw, f[0]))
              for i, (mw, f) in enumerate(zip(mws, specs, strict=True))]
-    choice = torch.randint(-1, len(slots), (T,), generator=gen)
+    choice = torch.randint(-1 if with_base else 0, len(slots), (T,), generator=gen)
     token_slots = torch.tensor([-1] + slots)[choice + 1]  # [T], -1 = base
     x = torch.randn(T, d_in, generator=gen).to(device, dtype)
     layer = pool.layers["proj"]
@@ -146,3 +146,11 @@ def test_without_row_table_the_buckets_serve(backend, monkeypatch):
     monkeypatch.setattr(server.plan, "ROWS_CAP", 0)  # no [T_a, R] row table: per-bucket paths only
     specs = [("plain", 3), ("out_scale", 8), ("mor", 4), ("plain", 64), ("mor", 16)]
     check(backend, torch.float32, 40, 24, specs, 7, seed=3)
+
+
+@pytest.mark.parametrize("form", ["plain", "out_scale", "mor"])
+@pytest.mark.parametrize("T", [1, 9, 200])
+def test_one_adapter_alone_or_with_base_tokens(form, T):
+    check("torch", torch.float32, 40, 24, [(form, 12)], T, seed=T)  # the single-adapter path, some -1 tokens
+    check("torch", torch.float32, 40, 24, [(form, 12)], T, seed=T, with_base=False)  # every token
+    check("torch", torch.float32, 40, 24, [(form, 12), (form, 12)], T, seed=T + 1)

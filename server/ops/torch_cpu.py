@@ -4,6 +4,7 @@ Per step and module: one gather of the adapter tokens' activations x, the correc
 the formulations below (never a Python loop over adapters or tokens), scattered back into y with one
 ``index_add_``; then out_scale as a per-token row gather of the module's g table (row S = ones).
 
+- single (one adapter in the step): two GEMMs on views of its slot, no copy of any weight.
 - rows gather (decode-like steps: fewer than ``GROUPED_MIN_TOKENS`` tokens per adapter on average):
   ``plan.rows`` names, for every token, the flat-table rows of its adapter's rank, padded to the step's
   largest rank with the zero row. One ``index_select`` + ``bmm`` for the shrink, one weighted
@@ -66,7 +67,9 @@ class TorchLowRank:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, slots: ModuleSlots) -> torch.Tensor:
         if plan.buckets:
             assert plan.order is not None
-            if self._rows(plan) and plan.rows_by_token:
+            if plan.single is not None and self.strategy == "auto":
+                self._single(x, y, plan, slots)
+            elif self._rows(plan) and plan.rows_by_token:
                 self._gather_rows(x, y, plan, slots)
             elif self._rows(plan):
                 xs = x.index_select(0, plan.order)  # [T_a, d_in]
@@ -79,6 +82,23 @@ class TorchLowRank:
         if plan.scale_rows is not None:
             y.mul_(slots.out_scale.index_select(0, plan.scale_rows))  # [T, d_out] rows of g
         return y
+
+    def _single(self, x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, slots: ModuleSlots) -> None:
+        """One adapter in the step: two plain GEMMs on views of its slot, no weight copy."""
+        assert plan.single is not None and plan.order is not None
+        bucket, local, rank = plan.single
+        a = slots.a[bucket][local, :rank]  # [r, d_in] view
+        bt = slots.bt[bucket][local, :rank]  # [r, d_out] view
+        whole = plan.order.shape[0] == plan.num_tokens  # every token uses it: ``order`` is the identity
+        xs = x if whole else x.index_select(0, plan.order)  # [N, d_in]
+        h = xs @ a.T  # [N, r]
+        if plan.mor_pos is not None:
+            assert plan.mor_index is not None
+            h = route(h, xs.index_select(0, plan.mor_pos), plan.mor_pos, plan.mor_index, slots)
+        if whole:
+            y.addmm_(h, bt)
+        else:
+            y.index_add_(0, plan.order, h @ bt)
 
     def _rows(self, plan: BatchPlan) -> bool:
         """Decode-like steps (a token or two per adapter) take one padded gather over every bucket."""
