@@ -191,9 +191,11 @@ def test_client_gone_while_generating_aborts_within_a_step(tmp_path, stream):  #
             assert 2 <= len(chunks) < 50
         else:
             asyncio.run(_call_then_leave(client.app, payload, leave_after_chunks=1, leave_after_s=0.3))
-        wait_for(lambda: idle(engine), timeout=5)
+        # the engine frees the request before it books the metrics: wait for both
+        wait_for(lambda: idle(engine) and metric(client.get("/metrics").text,
+                                                 "rankserve_requests_cancelled_total") == 1, timeout=5)
         assert time.monotonic() - start < 3  # 200 tokens at >= 20 ms per step would take over 4 s
-        text = state.metrics.render().decode()
+        text = client.get("/metrics").text  # the route refreshes the gauges from the engine
         assert metric(text, "rankserve_requests_cancelled_total") == 1
         assert metric(text, "rankserve_num_requests_running") == 0
 
