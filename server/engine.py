@@ -275,6 +275,9 @@ class Engine:
         self._reap()
         worked = self.classifier.run_pending()
         batch = self.scheduler.schedule()
+        for req in batch.preempted:
+            log.info("request %s preempted (KV cache full); it will recompute %d tokens", req.request_id,
+                     req.num_tokens)
         for req, err in batch.failed:
             self._finish(req, "error", err)  # type: ignore[arg-type]
         if batch.chunks:
@@ -295,7 +298,7 @@ class Engine:
             m.batch_distinct_adapters.observe(len({r.key for r in reqs if r.key is not None}))
         ready: list[tuple[GenRequest, torch.Tensor]] = []
         for (r, n), lg in zip(chunks, logits, strict=True):
-            if r.num_computed < len(r.prompt_ids) and m is not None:
+            if r.num_computed < len(r.prompt_ids) and m is not None and not r.preemptions:
                 if r.num_computed == 0 and r.scheduled_at is not None:
                     m.queue_time.observe(r.scheduled_at - r.arrival)
                 m.prompt_tokens.inc(min(n, len(r.prompt_ids) - r.num_computed))

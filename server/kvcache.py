@@ -5,8 +5,8 @@ owns a *sequence slot* (0..max_seqs-1) and a list of blocks; ``row_table[seq_slo
 that holds position ``pos``. Joining or leaving the batch only moves block ids between a free list and a
 table: no tensor of the batch is ever copied.
 
-A sequence reserves the blocks for its whole budget (prompt + max_tokens) when it is admitted, so a
-running request can never run out of cache mid-generation and nothing has to be preempted.
+Blocks are taken on demand (``grow``) as a sequence's positions advance. When none are free the
+scheduler preempts the most recently admitted request (its blocks return here; it is recomputed later).
 """
 
 from __future__ import annotations
@@ -62,12 +62,13 @@ class PagedKVCache:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, num_tokens: int) -> bool:
+    def can_allocate(self, num_tokens: int, spare_blocks: int = 0) -> bool:
+        """Room for a new sequence of ``num_tokens`` that still leaves ``spare_blocks`` free."""
         return (num_tokens <= self.max_len and bool(self._free_seqs)
-                and self.blocks_for(num_tokens) <= len(self._free_blocks))
+                and self.blocks_for(num_tokens) + spare_blocks <= len(self._free_blocks))
 
     def allocate(self, num_tokens: int) -> int:
-        """Reserve room for ``num_tokens`` positions; returns the sequence slot."""
+        """A sequence slot with blocks for its first ``num_tokens`` positions; it ``grow``s later."""
         if num_tokens > self.max_len:
             raise KVCacheFull(f"{num_tokens} tokens exceed the cache's max_len of {self.max_len}")
         need = self.blocks_for(num_tokens)
@@ -75,12 +76,28 @@ class PagedKVCache:
             raise KVCacheFull(f"need {need} blocks and a sequence slot; {len(self._free_blocks)} blocks and "
                               f"{len(self._free_seqs)} slots free")
         seq = self._free_seqs.pop()
-        blocks = [self._free_blocks.pop() for _ in range(need)]
-        self._blocks[seq] = blocks
-        rows = (torch.tensor(blocks, dtype=torch.long)[:, None] * self.block_size + self._offsets).flatten()
-        n = min(rows.numel(), self.max_len)
-        self.row_table[seq, :n] = rows[:n].to(self.row_table.device)
+        self._blocks[seq] = []
+        self.grow(seq, num_tokens)
         return seq
+
+    def grow(self, seq: int, num_tokens: int) -> bool:
+        """Make positions ``0 .. num_tokens - 1`` of ``seq`` addressable; False (nothing taken) when the
+        free blocks do not suffice: the caller then preempts someone."""
+        if num_tokens > self.max_len:
+            raise KVCacheFull(f"{num_tokens} tokens exceed the cache's max_len of {self.max_len}")
+        blocks = self._blocks[seq]
+        need = self.blocks_for(num_tokens) - len(blocks)
+        if need <= 0:
+            return True
+        if need > len(self._free_blocks):
+            return False
+        new = [self._free_blocks.pop() for _ in range(need)]
+        rows = (torch.tensor(new, dtype=torch.long)[:, None] * self.block_size + self._offsets).flatten()
+        start = len(blocks) * self.block_size
+        n = min(rows.numel(), self.max_len - start)
+        self.row_table[seq, start:start + n] = rows[:n].to(self.row_table.device)
+        blocks.extend(new)
+        return True
 
     def free(self, seq: int) -> None:
         """Return a sequence's blocks; a second free of the same slot is a no-op (abort paths may race)."""

@@ -3,7 +3,8 @@
 Every engine step the scheduler builds one batch under a token budget (``max_batch_tokens``): running
 requests first (a decode costs one token, an unfinished prompt continues as a chunk: chunked prefill),
 then new requests admitted from a bounded waiting queue while ``max_running`` and the KV cache allow.
-Finished requests leave between steps, so the batch changes every iteration.
+Finished requests leave between steps, so the batch changes every iteration. Cache blocks are taken as
+positions advance; when they run out, the most recently admitted request is preempted (recompute).
 
 Fairness: the waiting queue is one FIFO per adapter, and admission takes the head of each adapter's FIFO
 in turn (round-robin, the rotation kept across steps), so a hot adapter with a long queue cannot starve
@@ -40,8 +41,9 @@ class Residency(Protocol):
 
 
 class KVSpace(Protocol):
-    def can_allocate(self, num_tokens: int) -> bool: ...
+    def can_allocate(self, num_tokens: int, spare_blocks: int = 0) -> bool: ...
     def allocate(self, num_tokens: int) -> int: ...
+    def grow(self, seq: int, num_tokens: int) -> bool: ...
     def free(self, seq: int) -> None: ...
 
 
@@ -62,19 +64,17 @@ class Request:
     pinned: bool = False
     scheduled_at: float | None = None
     slot_wait_since: float | None = None
+    preemptions: int = 0  # times its cache was taken back; it then recomputes prompt + generated tokens
 
     def __post_init__(self) -> None:
         self.num_tokens = self.num_tokens or len(self.prompt_ids)
-
-    @property
-    def reserve_tokens(self) -> int:
-        return len(self.prompt_ids) + self.max_tokens
 
 
 @dataclass
 class Batch:
     chunks: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens this step)
     failed: list[tuple[Request, ServingError]] = field(default_factory=list)  # left the queue with an error
+    preempted: list[Request] = field(default_factory=list)  # sent back to the queue to free cache blocks
 
 
 class Scheduler:
@@ -142,15 +142,26 @@ class Scheduler:
     def schedule(self) -> Batch:
         batch = Batch()
         budget = self.max_batch_tokens
-        for req in self.running:  # decodes and unfinished prompts of admitted requests come first
+        for req in list(self.running):  # decodes and unfinished prompts of admitted requests come first
             n = min(req.num_tokens - req.num_computed, budget)
-            if n > 0:
+            if n <= 0 or req not in self.running:
+                continue
+            # cache blocks on demand; when none are free the newest request yields its blocks (it is
+            # recomputed later), so the oldest always progresses and nothing deadlocks
+            while not self.kv.grow(req.seq, req.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is req:
+                    break
+            if req in self.running:
                 batch.chunks.append((req, n))
                 budget -= n
         busy: set[str | None] = set()
-        while budget > 0 and len(self.running) < self.max_running:
+        while budget > 0 and len(self.running) < self.max_running and not batch.preempted:
             req = self._next_waiting(busy)
-            if req is None or not self.kv.can_allocate(req.reserve_tokens):
+            # one spare block per running request, so that admitting does not force a preemption at once
+            if req is None or not self.kv.can_allocate(req.num_tokens, spare_blocks=len(self.running)):
                 if req is not None:
                     self._requeue_front(req)
                 break
@@ -167,7 +178,7 @@ class Scheduler:
                 continue
             req.pinned = True
             req.slot_wait_since = None
-            req.seq = self.kv.allocate(req.reserve_tokens)
+            req.seq = self.kv.allocate(req.num_tokens)
             req.scheduled_at = self.clock()
             self.running.append(req)
             n = min(req.num_tokens, budget)
@@ -189,6 +200,21 @@ class Scheduler:
             if req.pinned:
                 req.pinned = False
                 self.residency.release(req)
+
+    def _preempt(self, req: Request) -> None:
+        """Give a running request's cache blocks and adapter pin back and requeue it at the front of its
+        adapter's queue; it keeps its generated tokens and recomputes their keys when readmitted."""
+        self.running.remove(req)
+        try:
+            self.kv.free(req.seq)
+        finally:
+            req.seq = -1
+            req.num_computed = 0
+            req.preemptions += 1
+            if req.pinned:
+                req.pinned = False
+                self.residency.release(req)
+            self._requeue_front(req)
 
     def _next_waiting(self, skip: set[str | None]) -> Request | None:
         """Pop the head of the next adapter's FIFO in the rotation (skipping adapters without a slot)."""

@@ -342,3 +342,26 @@ def test_abort_storm_leaks_nothing(make_engine):
     assert eng.cache.num_free_blocks == free_blocks
     assert m.running._value.get() == 0 and m.waiting._value.get() == 0
     assert eng.healthy and collect(eng.submit_generate(greedy([5], 2))).last.finish_reason == "length"
+
+
+def test_preemption_under_a_small_cache_is_invisible_to_clients(make_engine):
+    per_token = 2 * 2 * 2 * 16 * 4  # tiny-llama: layers x (k, v) x kv heads x head dim x fp32
+    eng = make_engine(max_model_len=64, kv_cache_bytes=80 * per_token, kv_block_size=8)
+    total_blocks = eng.cache.num_free_blocks
+    assert total_blocks == 10
+    ps = prompts([10, 12, 9, 11, 10, 13], seed=9)
+    alone = [collect(eng.submit_generate(greedy(p, 30))).tokens for p in ps]
+    preempted = []
+    inner = eng.scheduler.schedule
+
+    def spy():
+        batch = inner()
+        preempted.extend(batch.preempted)
+        return batch
+
+    eng.scheduler.schedule = spy
+    handles = [eng.submit_generate(greedy(p, 30)) for p in ps]  # 6 x ~40 tokens in an 80-token cache
+    assert [collect(h).tokens for h in handles] == alone
+    assert preempted  # the cache really ran out and requests were recomputed
+    wait_for(lambda: eng.num_running == 0)
+    assert eng.cache.num_free_blocks == total_blocks

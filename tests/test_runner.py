@@ -116,3 +116,17 @@ def test_pooled_hidden_matches_unpadded_rows(tiny_llama, pooling):
             h = tiny_llama.model.model(torch.tensor([s])).last_hidden_state[0]
         want = {"last": h[-1], "first": h[0], "mean": h.mean(0)}[pooling]
         torch.testing.assert_close(got[b], want, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_grows_on_demand_and_refuses_without_taking_anything():
+    cache = PagedKVCache(1, 1, 4, num_blocks=4, block_size=4, max_seqs=2, max_len=16)
+    s = cache.allocate(3)
+    assert cache.num_free_blocks == 3
+    assert cache.grow(s, 4) and cache.num_free_blocks == 3  # still inside the first block
+    assert cache.grow(s, 9) and cache.num_free_blocks == 1
+    rows = cache.row_table[s, :9].tolist()
+    assert len(set(rows)) == 9  # every position has its own row
+    other = cache.allocate(2)
+    assert not cache.grow(other, 8) and cache.num_free_blocks == 0  # needs 1 more block: none left
+    cache.free(s)
+    assert cache.grow(other, 8) and cache.num_free_blocks == 2

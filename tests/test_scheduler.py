@@ -7,19 +7,30 @@ from server.scheduler import AdapterBusy, Request, Scheduler
 
 
 class FakeKV:
+    """A cache whose blocks hold one token each."""
+
     def __init__(self, tokens=10_000):
         self.free_tokens = tokens
         self.live = {}
         self.next = 0
 
-    def can_allocate(self, n):
-        return n <= self.free_tokens
+    def can_allocate(self, n, spare_blocks=0):
+        return n + spare_blocks <= self.free_tokens
 
     def allocate(self, n):
         self.free_tokens -= n
         self.next += 1
         self.live[self.next] = n
         return self.next
+
+    def grow(self, seq, n):
+        need = n - self.live[seq]
+        if need > self.free_tokens:
+            return False
+        if need > 0:
+            self.free_tokens -= need
+            self.live[seq] = n
+        return True
 
     def free(self, seq):
         self.free_tokens += self.live.pop(seq)
@@ -167,9 +178,9 @@ def test_kv_space_gates_admission_and_finish_releases_everything():
     res = FakeResidency()
     kv = FakeKV(tokens=10)
     s, _, _ = make(residency=res, kv=kv)
-    s.add(req(0, key="a", prompt=4, max_tokens=4))
-    s.add(req(1, key="a", prompt=4, max_tokens=4))
-    assert len(s.schedule().chunks) == 1 and s.num_waiting == 1  # 8 of 10 tokens reserved
+    s.add(req(0, key="a", prompt=6))
+    s.add(req(1, key="a", prompt=6))
+    assert len(s.schedule().chunks) == 1 and s.num_waiting == 1  # 6 of 10 taken, 6 more do not fit
     r0 = s.running[0]
     s.finish(r0)
     s.finish(r0)  # idempotent: no double release
@@ -177,6 +188,38 @@ def test_kv_space_gates_admission_and_finish_releases_everything():
     assert len(s.schedule().chunks) == 1
     s.finish(s.running[0])
     assert kv.free_tokens == 10 and res.pins == {}
+
+
+def test_full_cache_preempts_the_newest_which_recomputes_later():
+    res = FakeResidency()
+    kv = FakeKV(tokens=12)
+    s, _, _ = make(residency=res, kv=kv, max_batch_tokens=64)
+    old, new = req(0, key="a", prompt=5), req(1, key="b", prompt=5)
+    s.add(old)
+    s.add(new)
+    batch = s.schedule()  # 5 + 5 taken, 2 free (one spare block per running request)
+    assert [r.request_id for r, _ in batch.chunks] == ["r0", "r1"]
+    advance(batch)  # both sampled a token: 6 known tokens each, 5 computed
+    advance(s.schedule())  # decode: 6 + 6 = 12 taken
+    assert kv.free_tokens == 0
+    batch = s.schedule()  # both need a 7th position: the newest yields
+    assert batch.preempted == [new] and [r for r, _ in batch.chunks] == [old]
+    assert new.seq == -1 and new.num_computed == 0 and new.preemptions == 1 and res.pins == {"a": 1}
+    assert s.num_waiting == 1 and new.num_tokens == 7
+    advance(batch)
+    s.finish(old)
+    batch = s.schedule()  # readmitted: prompt + generated tokens recomputed in one chunk
+    assert [(r.request_id, n) for r, n in batch.chunks] == [("r1", 7)] and res.pins == {"b": 1}
+
+
+def test_a_lone_request_preempts_nobody_but_itself():
+    kv = FakeKV(tokens=6)
+    s, _, _ = make(kv=kv)
+    r = req(0, prompt=6)
+    s.add(r)
+    advance(s.schedule())
+    batch = s.schedule()  # needs a 7th position in a 6-token cache: it yields to nobody but itself
+    assert batch.preempted == [r] and batch.chunks == [] and s.num_waiting == 1
 
 
 def test_remove_waiting():
