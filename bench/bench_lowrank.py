@@ -168,10 +168,10 @@ class Bench:
         slots1 = torch.tensor([pool.acquire(f"r{i}", lambda a=a: a) for i, a in enumerate(rank1)])
         t, logits_b = self.measure(step, prepare, lambda: pool.step(slots))
         record(f"(b) rankserve {pool.op.name}", t, ranks)
-        if self.alternatives:
-            self.set_op(pool, select_backend("cpu", "torch-gather"))
+        for name in ("torch-gather", "torch-grouped") if self.alternatives else ():
+            self.set_op(pool, select_backend("cpu", name))
             t, _ = self.measure(step, prepare, lambda: pool.step(slots))
-            record("(b') rankserve torch-gather", t, ranks)
+            record(f"(b') rankserve {name}", t, ranks)
         loop = LoopLowRank()
         loop.segments = [(pool._bucket_of(int(s)), int(s) - pool.bucket_base[pool._bucket_of(int(s))], r,
                           torch.tensor([i])) for i, (s, r) in enumerate(zip(slots, ranks, strict=True))]
@@ -274,7 +274,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32,128", help="B for smollm2-135m")
     p.add_argument("--big-batches", default="1,8,32", help="B for llama-2048x16")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--big-reps", type=int, default=1)
+    p.add_argument("--big-reps", type=int, default=2)
     p.add_argument("--ctx", type=int, default=16, help="cached tokens per row before the decode step")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core box, a second OpenMP thread waits on busy cores)")
