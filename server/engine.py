@@ -30,7 +30,7 @@ from server.errors import (
     Unavailable,
     UnknownAdapter,
 )
-from server.kvcache import PagedKVCache
+from server.kvcache import NoKVCache, PagedKVCache
 from server.metrics import Metrics
 from server.pool import AdapterPool
 from server.requests import ClassifyJob, EventSink, GenerateEvent, GenerateParams, GenRequest, RequestHandle
@@ -94,9 +94,10 @@ class Engine:
                                                             cfg.max_rank, cfg.cpu_cache_bytes)
         self.residency = AdapterResidency(self.pool, store, base, metrics)
         self.cache = self.runner = None
-        kv = _NoKV()
+        kv: PagedKVCache | NoKVCache = NoKVCache()  # encoder bases generate nothing
         if base.is_decoder:
-            self.cache = kv = _make_cache(base, cfg, self.max_model_len, self.device, self.dtype)
+            self.cache = kv = PagedKVCache.for_model(base.model.config, cfg.kv_cache_bytes, cfg.kv_block_size,
+                                                     cfg.max_running, self.max_model_len, self.dtype, self.device)
             self.runner = ModelRunner(base.model, self.cache, self.pool.step)
         self.scheduler = Scheduler(self.residency, kv, cfg.max_batch_tokens, cfg.max_running, cfg.max_queue,
                                    cfg.slot_wait_s)
@@ -394,29 +395,6 @@ class Engine:
             self.metrics.running.set(self.scheduler.num_running)
             self.metrics.waiting.set(self.num_waiting)
             self.residency.publish()
-
-
-class _NoKV:
-    """Encoder bases generate nothing: the scheduler never admits a generate request for them."""
-
-    def can_allocate(self, num_tokens: int) -> bool:
-        return False
-
-    def allocate(self, num_tokens: int) -> int:
-        raise RuntimeError("an encoder base has no KV cache")
-
-    def free(self, seq: int) -> None:
-        pass
-
-
-def _make_cache(base: BaseModel, cfg: EngineConfig, max_len: int, device: torch.device, dtype: torch.dtype) -> PagedKVCache:
-    c = base.model.config
-    head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
-    per_token = PagedKVCache.bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, head_dim, dtype)
-    tokens = min(cfg.max_running * max_len, max(cfg.kv_cache_bytes // per_token, max_len))
-    return PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, head_dim,
-                        num_blocks=-(-tokens // cfg.kv_block_size), block_size=cfg.kv_block_size,
-                        max_seqs=cfg.max_running, max_len=max_len, dtype=dtype, device=device)
 
 
 def _eos_ids(base: BaseModel) -> frozenset[int]:

@@ -111,6 +111,34 @@ class PagedKVCache:
         """(K rows, V rows) of layer i, each [rows, kv_heads, head_dim]."""
         return self.data[i, 0], self.data[i, 1]
 
+    @classmethod
+    def for_model(cls, config, budget_bytes: int, block_size: int, max_seqs: int, max_len: int,
+                  dtype: torch.dtype, device: torch.device | str) -> PagedKVCache:
+        """A cache for an HF decoder config within ``budget_bytes`` (but always room for one full-length
+        sequence, and never more than ``max_seqs`` full-length ones)."""
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        per_token = cls.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype)
+        tokens = min(max_seqs * max_len, max(budget_bytes // per_token, max_len))
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim,
+                   num_blocks=-(-tokens // block_size), block_size=block_size, max_seqs=max_seqs,
+                   max_len=max_len, dtype=dtype, device=device)
+
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return num_layers * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class NoKVCache:
+    """For encoder bases, which generate nothing: no sequence is ever admitted."""
+
+    def can_allocate(self, num_tokens: int, spare_blocks: int = 0) -> bool:
+        return False
+
+    def allocate(self, num_tokens: int) -> int:
+        raise KVCacheFull("an encoder base has no KV cache")
+
+    def grow(self, seq: int, num_tokens: int) -> bool:
+        return False
+
+    def free(self, seq: int) -> None:
+        pass
