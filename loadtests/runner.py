@@ -316,7 +316,7 @@ def plot(prefix: Path, rss: list, out: Path) -> None:
     ts = sorted(per_second)
     axes[0].plot(ts, [per_second[t] for t in ts], label="HTTP requests/s")
     for entry in [e for e in hist if e.startswith("REJECTED")]:
-        axes[0].plot(*series(entry, "Requests/s"), label=entry.replace("REJECTED", "rejected/s:"))
+        axes[0].plot(*series(entry, "Requests/s"), label=entry.split(" ", 1)[1].lower() + " /s")
     axes[0].plot(*series("Aggregated", "Failures/s"), label="failures/s")
     axes[0].set_ylabel("rate (10 s window)")
     axes[0].legend(fontsize=8)

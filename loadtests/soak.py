@@ -89,7 +89,7 @@ def plot(prefix: Path, rss: list, rate_target: float, out: Path) -> None:
     for entry in [e for e in hist if e.startswith("REJECTED")]:
         rows = hist[entry]
         axes[1].plot([(t - t0) / 60 for t, _ in rows], [float(r["Requests/s"] or 0) for _, r in rows],
-                     label=entry.replace("REJECTED", "rejected/s:"))
+                     label=entry.split(" ", 1)[1].lower() + " /s")
     axes[1].axhline(rate_target, linestyle=":", color="grey", label="target offered rate")
     axes[1].set_xlabel("minutes of soak")
     axes[1].set_ylabel("rate (10 s window)")
