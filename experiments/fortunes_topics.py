@@ -109,7 +109,9 @@ def run_one(base, method: str, seed: int, train_set, test_set, labels, args, out
            "head_params": log["head_params"], "exported_adapter_params": adapter.meta.training["exported_adapter_params"],
            "file_bytes": size, "train_seconds": log["train_seconds"], "steps": log["steps"],
            "total_rank": sum(adapter.meta.ranks.values()), "ranks": adapter.meta.ranks,
-           "rank_history": log["rank_history"], "targets": log["targets"], "options": METHOD_OPTIONS[method], "lr": lr}
+           "rank_history": log["rank_history"], "targets": log["targets"], "options": METHOD_OPTIONS[method], "lr": lr,
+           "setup": {k: getattr(args, k) for k in ("epochs", "batch_size", "max_length", "train_per_class",
+                                                   "test_per_class")}}
     if method == "aroma":
         row["aroma"] = {k: log["method_summary"][k] for k in ("resets", "converged", "stopped_early")}
     return row
