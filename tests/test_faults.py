@@ -85,7 +85,7 @@ def test_sigterm_with_requests_still_queued_serves_them_too_then_exits_0(tmp_pat
             running = [pool.submit(stream, i) for i in range(2)]
             assert all(e.wait(30) for e in started), "both streams should be generating"
             queued = [pool.submit(user.post, "/v1/completions", json=body("demo-lora", 60)) for _ in range(3)]
-            wait_for(lambda: gauges(user)[1] >= 1, 10, "a request waiting behind the two running")
+            wait_for(lambda: gauges(user)[1] >= 3, 10, "all three requests waiting behind the two running")
             sigterm_at = time.monotonic()
             srv.proc.send_signal(signal.SIGTERM)
             wait_for(lambda: srv.client().get("/ready").status_code == 503, 2, "readiness 503 at once")
