@@ -241,7 +241,7 @@ def summarise(args, prefix: Path, before: dict, after: dict, rss: list, wall: fl
         "generated_tokens_per_second": round(gen_tokens / max(wall, 1e-9), 2),
         "adapter_cache_hit_ratio": round(hits / (hits + misses), 3) if hits + misses else None,
         "server": server,
-        "peak_rss_mib": round(max((m for _, m in rss), default=0.0), 1),
+        "peak_rss_mib": round(max(m for _, m in rss), 1) if rss else None,  # None: --host, pid unknown
         "rss_first_last_mib": [round(rss[0][1], 1), round(rss[-1][1], 1)] if rss else None,
     }
 
