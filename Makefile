@@ -26,8 +26,10 @@ serve: install
 test: install
 	$(PY) -m pytest -q
 
+# Slow tests: real bases, the load-test tool end to end, Triton kernels under the interpreter (CPU tensors;
+# needs `pip install triton`, else those skip). The interpreter must be on before any kernel module imports.
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m slow
 
 lint: install
 	$(VENV)/bin/ruff check .
