@@ -28,6 +28,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: loadtests/ and adapters_store/ import from the root
+
+from loadtests import plots  # noqa: E402
+
 METHODS = ("lora", "dora", "adalora", "aroma", "edora", "mor")
 
 
@@ -200,7 +204,7 @@ def pct(row: dict | None, key: str) -> float | None:
     return float(row[key]) / 1000.0
 
 
-SYNTHETIC = ("TTFT", "ITL", "REJECTED")  # entries the locustfile records itself; not HTTP requests
+SYNTHETIC = plots.SYNTHETIC
 
 
 def client_view(prefix: Path, wall: float) -> dict:
@@ -283,61 +287,6 @@ def write_markdown(summary: dict, path: Path, title: str = "Load test summary", 
     path.write_text("\n".join(lines) + "\n")
 
 
-def history(prefix: Path) -> dict[str, list[tuple[int, dict]]]:
-    """Locust's per-second history rows, by entry name."""
-    out: dict[str, list[tuple[int, dict]]] = {}
-    with open(f"{prefix}_stats_history.csv") as f:
-        for r in csv.DictReader(f):
-            out.setdefault(f"{r['Type']} {r['Name']}".strip(), []).append((int(r["Timestamp"]), r))
-    return out
-
-
-def plot(prefix: Path, rss: list, out: Path) -> None:
-    """Throughput (HTTP requests and 429s per second), latency percentiles of the main entries, RSS."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    hist = history(prefix)
-    t0 = min((rows[0][0] for rows in hist.values() if rows), default=0)
-
-    def series(entry: str, column: str, scale: float = 1.0):
-        rows = hist.get(entry, [])
-        return ([t - t0 for t, _ in rows],
-                [float(r[column]) * scale if r[column] not in ("", "N/A") else float("nan") for _, r in rows])
-
-    fig, axes = plt.subplots(3, 1, figsize=(9, 9))
-    per_second: dict[int, float] = {}
-    for entry, rows in hist.items():
-        if entry != "Aggregated" and not entry.startswith(SYNTHETIC):
-            for t, r in rows:
-                per_second[t - t0] = per_second.get(t - t0, 0.0) + float(r["Requests/s"] or 0)
-    ts = sorted(per_second)
-    axes[0].plot(ts, [per_second[t] for t in ts], label="HTTP requests/s")
-    for entry in [e for e in hist if e.startswith("REJECTED")]:
-        axes[0].plot(*series(entry, "Requests/s"), label=entry.split(" ", 1)[1].lower() + " /s")
-    axes[0].plot(*series("Aggregated", "Failures/s"), label="failures/s")
-    axes[0].set_ylabel("rate (10 s window)")
-    axes[0].legend(fontsize=8)
-    for entry, label in (("POST /v1/completions", "completion"), ("TTFT time to first token", "TTFT"),
-                         ("POST /v1/classify", "classify")):
-        for p, style in (("50%", "-"), ("90%", "--")):
-            x, y = series(entry, p, 1e-3)
-            if x:
-                axes[1].plot(x, y, style, label=f"{label} p{p[:-1]}")
-    axes[1].set_ylabel("latency (s)")
-    axes[1].set_xlabel("seconds since Locust started")
-    axes[1].legend(fontsize=8)
-    if rss:
-        axes[2].plot([t for t, _ in rss], [m for _, m in rss])
-    axes[2].set_ylabel("server RSS (MiB)")
-    axes[2].set_xlabel("seconds since the load started")
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-
-
 def add_common_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--host", help="a running server; default: start one on loopback")
     ap.add_argument("--model", default="smollm2")
@@ -403,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(args, prefix, before, after, sampler.samples, wall)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         write_markdown(summary, out / "summary.md")
-        plot(prefix, sampler.samples, out / "plot.png")
+        plots.load_plot(prefix, sampler.samples, out / "plot.png")
         print((out / "summary.md").read_text())
         return 0 if summary["failures"] == 0 and summary["server"]["status_5xx"] == 0 else 1
     finally:
@@ -413,5 +362,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -34,7 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtests import runner  # noqa: E402
+from loadtests import plots, runner  # noqa: E402
 
 
 def slope_mib_per_min(samples: list[tuple[float, float]]) -> float | None:
@@ -64,39 +64,6 @@ def rss_figures(samples: list[tuple[float, float]]) -> dict:
 def fixed_adapters(host: str, headers: dict, ids: list[str]) -> dict[str, str]:
     listed = httpx.get(host + "/v1/adapters", headers=headers, timeout=60).json()["data"]
     return {a["id"]: a["digest"] for a in listed if a["id"] in set(ids)}
-
-
-def plot(prefix: Path, rss: list, rate_target: float, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    hist = runner.history(prefix)
-    t0 = min((rows[0][0] for rows in hist.values() if rows), default=0)
-    fig, axes = plt.subplots(2, 1, figsize=(8, 6))
-    if rss:
-        axes[0].plot([t / 60 for t, _ in rss], [m for _, m in rss])
-    axes[0].set_ylabel("server RSS (MiB)")
-    axes[0].set_xlabel("minutes of soak")
-    per_second: dict[int, float] = {}
-    for entry, rows in hist.items():
-        if entry != "Aggregated" and not entry.startswith(runner.SYNTHETIC):
-            for t, r in rows:
-                per_second[t - t0] = per_second.get(t - t0, 0.0) + float(r["Requests/s"] or 0)
-    ts = sorted(per_second)
-    axes[1].plot([t / 60 for t in ts], [per_second[t] for t in ts], label="HTTP requests/s (offered)")
-    for entry in [e for e in hist if e.startswith("REJECTED")]:
-        rows = hist[entry]
-        axes[1].plot([(t - t0) / 60 for t, _ in rows], [float(r["Requests/s"] or 0) for _, r in rows],
-                     label=entry.split(" ", 1)[1].lower() + " /s")
-    axes[1].axhline(rate_target, linestyle=":", color="grey", label="target offered rate")
-    axes[1].set_xlabel("minutes of soak")
-    axes[1].set_ylabel("rate (10 s window)")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=70)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
              f"| server exit code after SIGTERM | {exit_code} |"]
     extra += [f"| check: {name} | {'PASS' if ok else 'FAIL'} |" for name, ok in checks.items()]
     runner.write_markdown(summary, out / "soak.md", title="Soak test summary", extra=extra)
-    plot(prefix, sampler.samples, args.factor * per_s, out / "soak.png")
+    plots.soak_plot(prefix, sampler.samples, args.factor * per_s, out / "soak.png")
     print((out / "soak.md").read_text())
     return 0 if all(checks.values()) else 1
 
