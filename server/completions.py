@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import Principal
@@ -149,6 +149,8 @@ async def _generate(request: Request, body: SamplingRequest, principal: Principa
             ev = await reader.next()
     finally:
         await reader.close()
+    if last is not None and last.finish_reason == "abort":  # only the disconnect watcher cancels a request
+        return Response(status_code=499)  # nobody reads it; the access log and requests_total say "client gone"
     return shape.response("".join(text), last)
 
 

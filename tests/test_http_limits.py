@@ -198,6 +198,9 @@ def test_client_gone_while_generating_aborts_within_a_step(tmp_path, stream):  #
         text = client.get("/metrics").text  # the route refreshes the gauges from the engine
         assert metric(text, "rankserve_requests_cancelled_total") == 1
         assert metric(text, "rankserve_num_requests_running") == 0
+        if not stream:  # the abandoned request is booked as "client gone", not as a success
+            assert metric(text, "rankserve_requests_total", endpoint="/v1/completions", status="499") == 1
+            assert metric(text, "rankserve_requests_total", endpoint="/v1/completions", status="200") == 0
 
 
 def test_client_gone_while_queued_never_runs(tmp_path):  # row 24
