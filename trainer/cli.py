@@ -19,7 +19,11 @@ import sys
 import typing
 from pathlib import Path
 
-import torch
+# Before torch loads OpenMP: spin-waiting idle threads cost ~2.5x on small shared machines (measured on
+# smollm2 under load: 4 steps 13.9 s spinning vs 5.6 s passive). A user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 from trainer.methods.base import get_method
 
