@@ -94,7 +94,7 @@ def test_restart_rebuilds_and_revalidates_the_registry_ignoring_partial_files(tm
     (store / "adapters" / "garbage").mkdir()
     (store / "adapters" / "garbage" / "adapter.safetensors").write_bytes(b"\x00" * 64)
 
-    srv = LiveServer(tmp_path, "tiny-llama", "--drain-timeout", "1", store=store).start()
+    srv = LiveServer(tmp_path, "tiny-llama", "--drain-timeout", "0.2", store=store).start()
     try:
         c = srv.client()
         models = {m["id"] for m in c.get("/v1/models").json()["data"]}
