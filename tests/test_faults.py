@@ -71,7 +71,7 @@ def test_sigterm_with_requests_still_queued_serves_them_too_then_exits_0(tmp_pat
         streams: list[dict] = [{}, {}]
 
         def stream(i: int) -> None:
-            req = body("demo-lora", 300, stream=True, stream_options={"include_usage": True})
+            req = body("demo-lora", 480, stream=True, stream_options={"include_usage": True})
             with user.stream("POST", "/v1/completions", json=req) as r:
                 streams[i]["status"] = r.status_code
                 chunks = []
@@ -100,7 +100,7 @@ def test_sigterm_with_requests_still_queued_serves_them_too_then_exits_0(tmp_pat
         for s in streams:  # every token of what was in flight arrived, then the usage and [DONE]
             assert s["status"] == 200 and s["chunks"][-1] == "[DONE]"
             usage = json.loads(s["chunks"][-2])["usage"]
-            assert usage["completion_tokens"] == 300
+            assert usage["completion_tokens"] == 480
         for r in results:
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 60
         code = srv.proc.wait(DRAIN_S + 15)
