@@ -60,9 +60,9 @@ def _probes(app: FastAPI) -> None:
     async def health(request: Request):
         """Liveness: 503 when the engine thread is dead or hung, or loading failed."""
         state = get_state(request)
-        if not state.healthy:
-            detail = state.load_error or "the engine is not running"
-            return JSONResponse({"status": "unhealthy", "detail": detail}, status_code=503)
+        failure = state.failure
+        if failure is not None:
+            return JSONResponse({"status": "unhealthy", "detail": failure}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/ready", tags=["probes"])

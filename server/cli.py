@@ -3,15 +3,20 @@
 SIGTERM/SIGINT drain instead of stopping at once: readiness turns 503 immediately and new requests get
 503, while what is in flight finishes (up to --drain-timeout); then uvicorn's own shutdown runs (close
 the sockets, lifespan shutdown stops the engine) and the process exits 0. A second signal exits at once.
+
+A dead engine thread or a step hung past --hang-timeout: every request still in the engine gets an error
+event, and --unhealthy-exit-after seconds later the process exits 1 so that its supervisor restarts it.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -54,6 +59,27 @@ class DrainingServer(uvicorn.Server):
         self.exit_code = 1
         self.should_exit = True
 
+    def watch_engine(self, exit_after: float, interval: float = 0.5) -> None:
+        """A dead engine thread or a hung step (RELIABILITY row 30): /health and /ready already say 503; tell
+        every request still in the engine (streams get an error event, not silence), wait `exit_after`
+        seconds so those events reach the clients, then exit 1 so the supervisor (Kubernetes, systemd,
+        docker --restart) starts a fresh process. A draining server is left to its drain."""
+        from server.errors import Unavailable
+
+        while not self.should_exit:
+            time.sleep(interval)
+            runtime = self.state.runtime
+            failure = runtime.engine.failure if runtime is not None else None
+            if failure is None or self._drain_started:
+                continue
+            told = runtime.engine.abandon(Unavailable(f"the server is restarting: {failure}", retry_after=5))
+            event("engine unhealthy; exiting so the process is restarted", reason=failure, requests_told=told,
+                  exit_in_s=exit_after, level=logging.ERROR)
+            time.sleep(exit_after)
+            self.exit_code = 1
+            self.should_exit = True
+            return
+
 
 def serve(settings: Settings) -> int:
     from server.app import create_app
@@ -65,6 +91,9 @@ def serve(settings: Settings) -> int:
                             lifespan="on", timeout_graceful_shutdown=1, log_level=settings.log_level.lower())
     server = DrainingServer(config, app.state.rankserve, settings.drain_timeout)
     holder.append(server)
+    if settings.unhealthy_exit_after >= 0:
+        threading.Thread(target=server.watch_engine, args=(settings.unhealthy_exit_after,), name="rankserve-watchdog",
+                         daemon=True).start()
     event("starting", model=settings.model, host=settings.host, port=settings.port, store=settings.store,
           auth=app.state.rankserve.keys.enabled)
     server.run()

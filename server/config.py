@@ -39,6 +39,8 @@ class Settings:
     max_body_bytes: int = 2 * MiB  # JSON request bodies
     request_timeout: float = 600.0  # seconds from arrival to the last token
     drain_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
+    hang_timeout: float = 120.0  # one engine step longer than this: the engine is hung (health 503)
+    unhealthy_exit_after: float = 2.0  # dead or hung engine: exit 1 this many seconds later; < 0 = never
     rate_limit: float = 0.0  # requests per second per key (token bucket); 0 = off
     rate_burst: int = 0  # bucket size; 0 = max(1, rate_limit)
     merge: bool = False  # fold the single running adapter into W0 (merge mode)
@@ -53,7 +55,8 @@ class Settings:
         return EngineConfig(device=self.device, dtype=self.dtype, max_batch_tokens=self.max_batch_tokens,
                             max_running=self.max_running, max_queue=self.max_queue,
                             max_model_len=self.max_model_len, max_slots=self.max_slots, max_rank=self.max_rank,
-                            request_timeout_s=self.request_timeout, merge_single_adapter=self.merge)
+                            request_timeout_s=self.request_timeout, merge_single_adapter=self.merge,
+                            hang_timeout_s=self.hang_timeout)
 
 
 _HELP = {
@@ -74,6 +77,9 @@ _HELP = {
     "max_body_bytes": "JSON request body cap (413)",
     "request_timeout": "seconds before a request fails with 504",
     "drain_timeout": "seconds in-flight requests get to finish after SIGTERM",
+    "hang_timeout": "seconds one engine step may run before the engine counts as hung (health 503)",
+    "unhealthy_exit_after": "seconds after the engine dies or hangs before the process exits 1 so its "
+                            "supervisor restarts it (requests get an error first); negative = never exit",
     "rate_limit": "requests per second per API key (0 = off)",
     "rate_burst": "rate-limit bucket size (default max(1, rate))",
     "merge": "merge the single running adapter into the base weights",
@@ -146,7 +152,7 @@ def check(s: Settings) -> None:
                  "max_upload_bytes", "max_body_bytes"):
         if getattr(s, name) < (0 if name == "port" else 1):
             problems.append(f"{_flag(name)} must be positive, got {getattr(s, name)}")
-    for name in ("request_timeout", "drain_timeout"):
+    for name in ("request_timeout", "drain_timeout", "hang_timeout"):
         if getattr(s, name) <= 0:
             problems.append(f"{_flag(name)} must be > 0 seconds, got {getattr(s, name)}")
     if s.rate_limit < 0 or s.rate_burst < 0:

@@ -142,14 +142,36 @@ class Engine:
         self._stop = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=30 if self.healthy else 1)  # a hung step may never return
 
     @property
     def healthy(self) -> bool:
-        if self._error is not None or (self._thread is not None and not self._thread.is_alive() and not self._stop):
-            return False
+        return self.failure is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine is unhealthy, in words; None while it is healthy."""
+        if self._error is not None:
+            return f"the engine failed: {type(self._error).__name__}: {self._error}"
+        if self._thread is not None and not self._thread.is_alive() and not self._stop:
+            return "the engine thread stopped"
         busy = self._busy_since
-        return busy is None or time.monotonic() - busy < self.config.hang_timeout_s
+        if busy is not None and time.monotonic() - busy >= self.config.hang_timeout_s:
+            return f"one engine step has run for {time.monotonic() - busy:.0f} s (hang timeout {self.config.hang_timeout_s:g} s)"
+        return None
+
+    def abandon(self, err: ServingError) -> int:
+        """Give every request still in the engine its last event (an error), from any thread, without touching
+        the scheduler: for a hung engine thread that will never do it, just before the process exits. Returns
+        how many generate requests were told."""
+        told = 0
+        for req in list(self.scheduler.running) + self.scheduler.waiting():
+            if not req.done:
+                req.done = True
+                req.handle.push(GenerateEvent("", [], "error", len(req.prompt_ids), len(req.out.token_ids), err))
+                told += 1
+        self.classifier.fail_all(err)
+        return told
 
     @property
     def ready(self) -> bool:

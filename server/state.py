@@ -67,6 +67,13 @@ class ServerState:
         return self.load_error is None and (self.runtime is None or self.runtime.engine.healthy)
 
     @property
+    def failure(self) -> str | None:
+        """Why /health says 503, in words; None while healthy."""
+        if self.load_error is not None:
+            return f"failed to load: {self.load_error}"
+        return self.runtime.engine.failure if self.runtime is not None else None
+
+    @property
     def ready(self) -> bool:
         return self.runtime is not None and not self.draining and self.runtime.engine.ready
 

@@ -1,7 +1,8 @@
 """Faults injected into the real server (`python -m server.cli serve`, uvicorn) on tiny-llama, on a loopback
 port, while it is under load: SIGTERM (RELIABILITY row 29), many clients leaving at once while queued or
 streaming (row 24), adapter files damaged on disk behind the server's back (row 22), uploads and deletes
-of one id racing (rows 9, 25, 26), and a burst over more cold adapters than device slots (row 21).
+of one id racing (rows 9, 25, 26), a burst over more cold adapters than device slots (row 21), and a model
+step that raises or never returns (row 30; injected by tests/fault_server.py).
 
 Single-request versions of rows 24 and 25 live in test_e2e_server.py and test_http_limits.py, and SIGTERM
 with every request running in test_e2e_lifecycle.py; these add concurrency, queued requests and the real
@@ -293,3 +294,45 @@ def test_burst_over_more_cold_adapters_than_slots_is_bounded(tmp_path, tiny_llam
         assert metric(text, "rankserve_adapter_loads_total", result="error") == 0
         assert gauges(user) == (0.0, 0.0)
         assert user.get("/health").status_code == 200
+
+
+def sse_events(stream) -> list[dict]:
+    """Every `data:` event of an SSE response up to [DONE] (the stream must end: the test's timeout guards)."""
+    out = []
+    for line in stream.iter_lines():
+        if line.startswith("data: "):
+            if line == "data: [DONE]":
+                break
+            out.append(json.loads(line[6:]))
+    return out
+
+
+@pytest.mark.parametrize("fault", ["crash", "hang"])
+def test_dead_or_hung_engine_tells_streams_then_the_process_exits_1(tmp_path, fault):  # row 30
+    """A model step that raises (a CUDA error) or never returns (a wedged device): the stream in flight
+    gets an error event and [DONE] instead of hanging, /health says why with 503, and the process exits 1
+    on its own so its supervisor restarts it."""
+    args = ["--max-model-len", "512", "--unhealthy-exit-after", "3"]
+    if fault == "hang":
+        args += ["--hang-timeout", "2"]
+    server = LiveServer(tmp_path, "tiny-llama", *args, module="tests.fault_server",
+                        env={"RANKSERVE_TEST_FAULT": f"{fault}:10"})
+    with server:
+        user = server.client(timeout=60)
+        started = time.monotonic()
+        with user.stream("POST", "/v1/completions", json=body("tiny-llama", 300, stream=True)) as s:
+            events = sse_events(s)
+        told_after = time.monotonic() - started
+        health = user.get("/health")  # within the 3 s before the exit
+        assert health.status_code == 503, health.text
+        assert ("injected device fault" if fault == "crash" else "hang timeout 2 s") in health.json()["detail"]
+        assert user.get("/ready").status_code == 503
+        tokens = [e for e in events if "choices" in e and e["choices"] and e["choices"][0]["text"]]
+        assert 1 <= len(tokens) < 300  # it streamed, then stopped at the fault
+        assert "error" in events[-1] and events[-1]["error"]["code"] == "unavailable", events[-1]
+        if fault == "hang":  # told by the watchdog after the hang timeout, not at the 600 s request deadline
+            assert 2 <= told_after < 30
+            assert "hang timeout" in events[-1]["error"]["message"]
+        assert server.proc.wait(timeout=60) == 1
+        logged = [e for e in server.log_events() if e.get("msg", "").startswith("engine unhealthy")]
+        assert logged, server.logs()[-2000:]

@@ -62,12 +62,13 @@ def app_client(model: str, store_dir: Path, engine_opts: dict | None = None, **s
 class LiveServer:
     """`python -m server.cli serve ...` on a free port; JSON logs go to a file the tests can read."""
 
-    def __init__(self, tmp: Path, model: str, *args: str, env: dict[str, str] | None = None, store: Path | None = None):
+    def __init__(self, tmp: Path, model: str, *args: str, env: dict[str, str] | None = None, store: Path | None = None,
+                 module: str = "server.cli"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.store = store or tmp / "store"
         self.log_path = tmp / f"server-{self.port}.log"
-        self.cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--store", str(self.store),
+        self.cmd = [sys.executable, "-m", module, "serve", "--model", model, "--store", str(self.store),
                     "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc: subprocess.Popen | None = None
