@@ -7,12 +7,18 @@ tokenising), then the engine's own checks at submit (404 unknown adapter, 400 co
 The first event is awaited before the response starts, so a request that fails before its first token
 (adapter load failure, deadline) still gets its proper status code; later failures arrive as an SSE
 error event followed by ``data: [DONE]``.
+
+A stream's buffers are bounded: the request's event queue holds at most max_tokens small events, and
+uvicorn stops accepting writes once the socket's buffer is past its high-water mark. A client that stops
+reading (RELIABILITY row 27) makes one write wait; after --stream-write-timeout seconds the request is
+cancelled in the engine (its running slot, KV blocks and adapter pin are freed) and the response ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -38,6 +44,7 @@ from server.schemas import (
 )
 
 router = APIRouter(tags=["generate"])
+log = logging.getLogger("rankserve.http")
 HUNG_GRACE_S = 5.0  # past the deadline, the engine itself should have answered 504; this guards a hung one
 
 
@@ -134,8 +141,9 @@ async def _generate(request: Request, body: SamplingRequest, principal: Principa
     shape = _Shape(("chatcmpl-" if chat else "cmpl-") + rid, int(time.time()), body.model, chat)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(reader, first, shape, usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StalledReaderGuard(_sse(reader, first, shape, usage), reader.handle,
+                                  state.settings.stream_write_timeout, media_type="text/event-stream",
+                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         text, last = [], first
         ev = first
@@ -189,6 +197,37 @@ class _Shape:
         obj = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
                "created": self.created, "model": self.model, "choices": [], "usage": self.usage(last).model_dump()}
         return sse(obj)
+
+
+class _Stalled(Exception):
+    pass
+
+
+class StalledReaderGuard(StreamingResponse):
+    """An SSE response whose every write must complete within `write_timeout` seconds. A write waits while
+    the client does not read (uvicorn's flow control); past the timeout the engine request is cancelled,
+    the event generator is closed, and the app returns, so uvicorn closes the connection."""
+
+    def __init__(self, content, handle: RequestHandle, write_timeout: float, **kw):
+        super().__init__(content, **kw)
+        self.handle = handle
+        self.write_timeout = write_timeout
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def timed_send(message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.write_timeout)
+            except asyncio.TimeoutError:
+                raise _Stalled from None
+
+        try:
+            await super().__call__(scope, receive, timed_send)
+        except _Stalled:
+            self.handle.cancel()
+            log.warning("stream aborted: the client read nothing for %g s", self.write_timeout,
+                        extra={"fields": {"request_id": self.handle.request_id}})
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]  # runs _sse's finally: reader.close()
 
 
 def sse(obj: dict) -> str:

@@ -39,6 +39,7 @@ class Settings:
     max_body_bytes: int = 2 * MiB  # JSON request bodies
     request_timeout: float = 600.0  # seconds from arrival to the last token
     drain_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
+    stream_write_timeout: float = 30.0  # a streaming client that reads nothing this long is cut off
     hang_timeout: float = 120.0  # one engine step longer than this: the engine is hung (health 503)
     unhealthy_exit_after: float = 2.0  # dead or hung engine: exit 1 this many seconds later; < 0 = never
     rate_limit: float = 0.0  # requests per second per key (token bucket); 0 = off
@@ -77,6 +78,8 @@ _HELP = {
     "max_body_bytes": "JSON request body cap (413)",
     "request_timeout": "seconds before a request fails with 504",
     "drain_timeout": "seconds in-flight requests get to finish after SIGTERM",
+    "stream_write_timeout": "seconds a stream may wait on a client that reads nothing before the request is "
+                            "aborted",
     "hang_timeout": "seconds one engine step may run before the engine counts as hung (health 503)",
     "unhealthy_exit_after": "seconds after the engine dies or hangs before the process exits 1 so its "
                             "supervisor restarts it (requests get an error first); negative = never exit",
@@ -152,7 +155,7 @@ def check(s: Settings) -> None:
                  "max_upload_bytes", "max_body_bytes"):
         if getattr(s, name) < (0 if name == "port" else 1):
             problems.append(f"{_flag(name)} must be positive, got {getattr(s, name)}")
-    for name in ("request_timeout", "drain_timeout", "hang_timeout"):
+    for name in ("request_timeout", "drain_timeout", "hang_timeout", "stream_write_timeout"):
         if getattr(s, name) <= 0:
             problems.append(f"{_flag(name)} must be > 0 seconds, got {getattr(s, name)}")
     if s.rate_limit < 0 or s.rate_burst < 0:

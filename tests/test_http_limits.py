@@ -1,5 +1,5 @@
 """Overload, deadlines, disconnects and deletes under load, in-process over the real engine (RELIABILITY
-rows 19, 24, 25, 28, 31): the status code, and that every count (running, waiting, adapter pins) returns
+rows 19, 24, 25, 27, 28, 31): the status code, and that every count (running, waiting, adapter pins) returns
 to zero."""
 
 from __future__ import annotations
@@ -201,6 +201,47 @@ def test_client_gone_while_generating_aborts_within_a_step(tmp_path, stream):  #
         if not stream:  # the abandoned request is booked as "client gone", not as a success
             assert metric(text, "rankserve_requests_total", endpoint="/v1/completions", status="499") == 1
             assert metric(text, "rankserve_requests_total", endpoint="/v1/completions", status="200") == 0
+
+
+async def _call_then_stop_reading(app, payload: bytes, read_chunks: int):
+    """A client that stays connected but stops reading after some body chunks: every later write waits
+    forever, as uvicorn's send does once the socket's buffers are full."""
+    chunks: list[bytes] = []
+    sent_body = False
+    never = asyncio.Event()
+
+    async def receive():
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+        await never.wait()  # no disconnect: the client is still there
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            if len(chunks) >= read_chunks:
+                await never.wait()
+            chunks.append(message["body"])
+
+    await asyncio.wait_for(app(_asgi_scope("/v1/completions", payload), receive, send), 30)
+    return chunks
+
+
+def test_stream_to_a_client_that_stops_reading_is_aborted(tmp_path):  # row 27
+    with app_client("tiny-llama", tmp_path, stream_write_timeout=0.5) as (client, state):
+        engine = state.runtime.engine
+        slow_steps(engine, 0.02)  # 200 tokens take over 4 s
+        payload = json.dumps(body(n=200, stream=True)).encode()
+        start = time.monotonic()
+        chunks = asyncio.run(_call_then_stop_reading(client.app, payload, read_chunks=3))
+        returned = time.monotonic() - start
+        assert len(chunks) == 3 and 0.5 <= returned < 3.5  # the app gave up on the write, before the 200 tokens
+        wait_for(lambda: idle(engine) and metric(client.get("/metrics").text,
+                                                 "rankserve_requests_cancelled_total") == 1, timeout=5)
+        text = client.get("/metrics").text
+        assert 3 <= metric(text, "rankserve_generation_tokens_total") < 200  # the engine stopped generating for it
+        r = client.post("/v1/completions", json=body(n=3))  # the server serves the next client
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
 def test_client_gone_while_queued_never_runs(tmp_path):  # row 24
