@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from adapters_store.semantics import merged_weight, module_forward
-from trainer.methods.base import get_method, make_config
+from trainer.methods.base import AdapterLayer, MethodConfig, get_method, make_config
 
 
 def linear(d_in=16, d_out=12, seed=0) -> nn.Linear:
@@ -168,3 +168,12 @@ def test_unknown_options_name_the_valid_ones():
         make_config("mor", experts=4)
     with pytest.raises(ValueError, match="unknown method"):
         get_method("ia3")
+
+
+def test_a_method_without_compile_cannot_be_instantiated():
+    class ForwardOnly(AdapterLayer):
+        def forward(self, x):
+            return self.base(x)
+
+    with pytest.raises(TypeError, match="compile"):
+        ForwardOnly(nn.Linear(4, 4), MethodConfig())

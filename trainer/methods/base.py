@@ -15,6 +15,7 @@ hooks at fixed points and knows nothing else about the method.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -67,8 +68,9 @@ class Controller:
         return {}
 
 
-class AdapterLayer(nn.Module):
-    """A frozen base linear plus a method's trainable low-rank parameters."""
+class AdapterLayer(nn.Module, metaclass=abc.ABCMeta):
+    """A frozen base linear plus a method's trainable low-rank parameters; a method must define
+    ``forward`` and ``compile`` (a class missing either cannot be instantiated)."""
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     method: ClassVar[str] = ""
@@ -98,8 +100,13 @@ class AdapterLayer(nn.Module):
     def d_out(self) -> int:
         return self.base.out_features
 
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The method's training forward: base(x) plus its correction."""
+
+    @abc.abstractmethod
     def compile(self) -> ModuleWeights | None:
-        raise NotImplementedError
+        """The serving form of DESIGN.md section 2 (scale folded in, fp32 out_scale), or None at rank 0."""
 
     @classmethod
     def make_controller(cls, layers: dict[str, AdapterLayer], cfg: MethodConfig, total_steps: int) -> Controller:
