@@ -17,7 +17,7 @@ import torch
 from server.errors import AdapterLoadFailed, ServingError, Unavailable
 from server.requests import ClassifyJob
 from server.runner import pooled_hidden
-from server.scheduler import AdapterBusy, Residency
+from server.scheduler import AdapterBusy, AdapterLoading, Residency
 
 Result = list[tuple[str, dict[str, float]]]
 
@@ -52,6 +52,8 @@ class ClassifyStep:
                 break
             try:
                 job.adapter_slot = self.residency.acquire(job)  # type: ignore[arg-type]
+            except AdapterLoading:
+                continue
             except AdapterBusy:
                 job.slot_wait_since = job.slot_wait_since or now
                 if now - job.slot_wait_since > self.slot_wait_s:

@@ -63,6 +63,7 @@ class EngineConfig:
     slot_wait_s: float = 30.0  # longest wait for a free adapter slot before 503
     hang_timeout_s: float = 120.0  # a step longer than this marks the engine unhealthy
     merge_single_adapter: bool = False
+    async_adapter_loads: bool = True  # read adapters from the store on loader threads, not the engine thread
     max_classify_rows: int = 64
     seed: int = 0
 
@@ -92,7 +93,9 @@ class Engine:
         self.max_model_len = min(cfg.max_model_len, base.max_positions)
         self.pool = pool if pool is not None else make_pool(base, self.device, self.dtype, cfg.max_slots,
                                                             cfg.max_rank, cfg.cpu_cache_bytes)
-        self.residency = AdapterResidency(self.pool, store, base, metrics)
+        self._wake = threading.Event()
+        self.residency = AdapterResidency(self.pool, store, base, metrics, prefetch=cfg.async_adapter_loads,
+                                          on_loaded=self._wake.set)
         self.cache = self.runner = None
         kv: PagedKVCache | NoKVCache = NoKVCache()  # encoder bases generate nothing
         if base.is_decoder:
@@ -110,7 +113,6 @@ class Engine:
         self._ids = itertools.count()
         self._cancels: deque[GenRequest] = deque()
         self._forgets: deque[str] = deque()
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
         self._draining = False
@@ -143,6 +145,7 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30 if self.healthy else 1)  # a hung step may never return
+        self.residency.close()
 
     @property
     def healthy(self) -> bool:
@@ -273,6 +276,7 @@ class Engine:
             raise TaskMismatch(f"adapter {adapter_id!r} is a {record.task} adapter; this endpoint needs {task}",
                                param="model")
         self.residency.check(adapter_id, record.digest)
+        self.residency.prefetch(adapter_id, record.digest)
         return record
 
     # ---- the engine thread ------------------------------------------------------------------------

@@ -42,7 +42,7 @@ class Metrics:
         self.cache_misses = Counter(p + "adapter_cache_misses_total", "Adapter residency misses by tier", ["tier"], registry=r)
         self.evictions = Counter(p + "adapter_evictions_total", "Adapters evicted by tier", ["tier"], registry=r)
         self.adapter_loads = Counter(p + "adapter_loads_total", "Adapter loads by result", ["result"], registry=r)
-        self.adapter_load_duration = Histogram(p + "adapter_load_duration_seconds", "Adapter load time by source", ["source"], buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_load_duration = Histogram(p + "adapter_load_duration_seconds", "Adapter load time: disk = read and validate from the store, cpu = copy from the CPU tier into a device slot", ["source"], buckets=LATENCY_BUCKETS, registry=r)
         self.adapters_resident = Gauge(p + "adapters_resident", "Resident adapters by tier", ["tier"], registry=r)
         self.adapter_resident_bytes = Gauge(p + "adapter_resident_bytes", "Bytes of resident adapters by tier", ["tier"], registry=r)
         self.adapter_capacity_bytes = Gauge(p + "adapter_capacity_bytes", "Adapter capacity in bytes by tier", ["tier"], registry=r)

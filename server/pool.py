@@ -172,6 +172,19 @@ class AdapterPool:
             res = self._resident.get(key)
             return None if res is None else res.slot
 
+    def cached(self, key: str) -> bool:
+        """Resident in a slot or held in the CPU tier: acquiring it reads nothing from the store."""
+        with self._lock:
+            return key in self._resident or key in self._cpu
+
+    def put_cpu(self, key: str, adapter: CompiledAdapter) -> None:
+        """Hold an adapter loaded elsewhere (the residency's loader threads) in the CPU tier, LRU-bounded."""
+        with self._lock:
+            if key not in self._resident and key not in self._cpu:
+                self._stats.misses["cpu"] += 1  # the loader thread's read; the acquire that follows is a hit
+                self._cache_cpu(key, adapter)
+                self._update_gauges()
+
     def forget(self, key: str) -> None:
         """Drop ``key`` from every tier; a pinned adapter leaves at its last release."""
         with self._lock:
@@ -251,6 +264,10 @@ class AdapterPool:
         start = time.perf_counter()
         adapter = loader()
         self._stats.load_seconds["loader"] += time.perf_counter() - start
+        self._cache_cpu(key, adapter)
+        return adapter
+
+    def _cache_cpu(self, key: str, adapter: CompiledAdapter) -> None:
         size = adapter.num_bytes()
         if size <= self.cpu_bytes:
             self._cpu[key] = adapter
@@ -259,7 +276,6 @@ class AdapterPool:
                 _, old = self._cpu.popitem(last=False)
                 self._cpu_used -= old.num_bytes()
                 self._stats.evictions["cpu"] += 1
-        return adapter
 
     def _check_fit(self, adapter: CompiledAdapter) -> tuple[int, bool]:
         """(rank rows the slot needs, is MoR); every misfit is reported in one AdapterFormatError."""

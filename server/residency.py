@@ -4,20 +4,32 @@ The request captured its adapter's digest (the version) at submit; the loader gi
 exactly that version or fails with 404 when the adapter was deleted or replaced meanwhile, so no request
 ever mixes two versions. A version that failed to load is remembered, and later requests for it fail at
 submit instead of queueing for a load that cannot succeed.
+
+Loads from the store run on loader threads, not on the engine thread (as S-LoRA and LoRAX do): at submit,
+``prefetch`` starts reading and validating a version that is neither resident nor in the CPU tier; while
+that runs, ``acquire`` answers AdapterBusy, so the request keeps its place and everything else keeps
+stepping; the finished load lands in the CPU tier and wakes the engine, whose acquire then only copies it
+into a slot. A load that fails on a loader thread is retried once on the engine thread, which owns the
+one failure path (the 424 and the remembered failure). ``prefetch=False`` loads on the engine thread.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, CompiledAdapter
 from server.errors import AdapterLoadFailed, UnknownAdapter
 from server.metrics import Metrics
 from server.pool import AdapterPool, PoolExhausted
-from server.scheduler import AdapterBusy
+from server.scheduler import AdapterBusy, AdapterLoading
+
+log = logging.getLogger("rankserve.residency")
 
 
 def make_pool(base, device, dtype, max_slots: int, max_rank: int, cpu_bytes: int) -> AdapterPool:
@@ -29,13 +41,53 @@ def make_pool(base, device, dtype, max_slots: int, max_rank: int, cpu_bytes: int
 class AdapterResidency:
     MAX_FAILED = 1024
 
-    def __init__(self, pool: AdapterPool, store, base: BaseModel, metrics: Metrics | None):
+    def __init__(self, pool: AdapterPool, store, base: BaseModel, metrics: Metrics | None,
+                 prefetch: bool = True, loader_threads: int = 2, on_loaded: Callable[[], None] | None = None):
         self.pool = pool
         self.base = base
         self.store = store
         self.metrics = metrics
         self.failed: OrderedDict[str, str] = OrderedDict()  # digest -> why it could not load
         self._published: dict[tuple[str, str], float] = {}
+        self.on_loaded = on_loaded  # the engine's wake-up
+        self._loads: dict[str, Future] = {}  # digest -> its load running on a loader thread
+        self._loads_lock = threading.Lock()
+        self._executor = (ThreadPoolExecutor(loader_threads, thread_name_prefix="rankserve-adapter-load")
+                          if prefetch else None)
+
+    def prefetch(self, adapter_id: str, digest: str) -> None:
+        """Any thread (submit): start loading this version on a loader thread unless it is resident, in the
+        CPU tier, already loading, or known to fail."""
+        if self._executor is None or digest in self.failed or self.pool.cached(digest):
+            return
+        with self._loads_lock:
+            if digest in self._loads:
+                return
+            self._loads[digest] = self._executor.submit(self._fetch, adapter_id, digest)
+
+    def loading(self, digest: str) -> bool:
+        with self._loads_lock:
+            return digest in self._loads
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _fetch(self, adapter_id: str, digest: str) -> None:
+        start = time.monotonic()
+        try:
+            adapter = self._loader(adapter_id, digest, [])()
+            self.pool.put_cpu(digest, adapter)
+            if self.metrics is not None:
+                self.metrics.adapter_load_duration.labels(source="disk").observe(time.monotonic() - start)
+        except Exception as e:  # the engine thread loads it again and reports the failure its usual way
+            log.info("adapter %r (%s) failed to load on a loader thread: %s: %s", adapter_id, digest[:12],
+                     type(e).__name__, e)
+        finally:
+            with self._loads_lock:
+                self._loads.pop(digest, None)
+            if self.on_loaded is not None:
+                self.on_loaded()
 
     def check(self, adapter_id: str, digest: str) -> None:
         why = self.failed.get(digest)
@@ -48,6 +100,8 @@ class AdapterResidency:
             return -1
         adapter_id = req.adapter_id
         cold = self.pool.slot_of(req.key) is None
+        if cold and self.loading(req.key):
+            raise AdapterLoading()  # being read on a loader thread; the request keeps its place
         loaded: list[bool] = []
         start = time.monotonic()
         try:

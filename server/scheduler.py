@@ -35,6 +35,11 @@ class AdapterBusy(Exception):
     """No device slot can take the adapter right now (all pinned); try again at a later step."""
 
 
+class AdapterLoading(AdapterBusy):
+    """The adapter is being read from the store on a loader thread; try again at a later step. This wait is
+    bounded by the request's deadline, not by the slot wait."""
+
+
 class Residency(Protocol):
     def acquire(self, req: Request) -> int: ...  # device slot (-1 = base); raises AdapterBusy or ServingError
     def release(self, req: Request) -> None: ...
@@ -167,10 +172,11 @@ class Scheduler:
                 break
             try:
                 req.adapter_slot = self.residency.acquire(req)
-            except AdapterBusy:
+            except AdapterBusy as e:
                 busy.add(req.key)
                 self._requeue_front(req)
-                self._check_slot_wait(req, batch)
+                if not isinstance(e, AdapterLoading):
+                    self._check_slot_wait(req, batch)
                 continue
             except ServingError as e:
                 batch.failed.append((req, e))

@@ -3,6 +3,7 @@ version safety, merge mode and batched classification."""
 
 import asyncio
 import copy
+import threading
 import time
 
 import pytest
@@ -226,6 +227,51 @@ def test_pool_activity_reaches_the_metrics(engines, adapters):
     assert m.cache_misses.labels(tier="gpu")._value.get() == 4
     assert m.evictions.labels(tier="gpu")._value.get() >= 1
     assert m.adapter_loads.labels(result="ok")._value.get() == 3  # a1 came back from the CPU tier
+    # 3 store reads on the loader threads, each landing in the CPU tier; 4 copies from there into a slot
     assert sum(b.get() for b in m.adapter_load_duration.labels(source="disk")._buckets) == 3
-    assert sum(b.get() for b in m.adapter_load_duration.labels(source="cpu")._buckets) == 1
+    assert sum(b.get() for b in m.adapter_load_duration.labels(source="cpu")._buckets) == 4
     assert m.adapters_resident.labels(tier="gpu")._value.get() == 2
+
+
+class SlowStore(MemStore):
+    """A store whose reads of `slow_id` wait for `release`, like a cold read from a busy disk."""
+
+    def __init__(self, slow_id):
+        super().__init__()
+        self.slow_id = slow_id
+        self.release = threading.Event()
+        self.read_on: list[str] = []
+
+    def load(self, adapter_id, base=None, digest=None):
+        self.read_on.append(threading.current_thread().name)
+        if adapter_id == self.slow_id:
+            self.release.wait(30)
+        return super().load(adapter_id, base, digest)
+
+
+@pytest.mark.parametrize("async_loads", [True, False])
+def test_a_slow_cold_load_stalls_only_its_own_request(engines, adapters, tiny_llama, async_loads):
+    """The store read runs on a loader thread: while it is stuck, requests for the base and for a resident
+    adapter keep generating; with loads on the engine thread (async_adapter_loads=False) they all wait."""
+    store = SlowStore("a1")
+    for k in ("a0", "a1"):
+        store.put(k, adapters[k])
+    eng = engines(store, async_adapter_loads=async_loads)
+    p = prompts([6], seed=3)[0]
+    collect(eng.submit_generate(greedy(p, 2, adapter_id="a0")))  # a0 resident
+    slow = eng.submit_generate(greedy(p, 5, adapter_id="a1"))
+    time.sleep(0.2)  # the read of a1 has started
+    others = [eng.submit_generate(greedy(p, 5, adapter_id=a)) for a in (None, "a0")]
+    if async_loads:  # they finish while a1's read is still stuck
+        assert [list(h.events_sync(timeout=5))[-1].finish_reason for h in others] == ["length", "length"]
+    else:  # the engine thread is inside the read: nothing else gets a token
+        time.sleep(1.0)
+        assert all(h._sink.tq.empty() for h in others)
+    store.release.set()
+    got = collect(slow).tokens
+    assert got == hf_greedy(apply_adapter(tiny_llama.model, adapters["a1"]), p, 5)  # the right adapter, once loaded
+    if async_loads:
+        assert store.read_on[-1].startswith("rankserve-adapter-load")
+    else:
+        assert store.read_on[-1] == "rankserve-engine"
+        assert [collect(h).last.finish_reason for h in others] == ["length", "length"]

@@ -3,7 +3,7 @@
 import pytest
 
 from server.errors import AdapterLoadFailed, QueueFull, Unavailable
-from server.scheduler import AdapterBusy, Request, Scheduler
+from server.scheduler import AdapterBusy, AdapterLoading, Request, Scheduler
 
 
 class FakeKV:
@@ -172,6 +172,30 @@ def test_busy_pool_waits_in_place_then_times_out():
     now[0] = 20.0
     batch = s.schedule()
     assert [(r.request_id, type(e)) for r, e in batch.failed] == [("r3", Unavailable)]
+
+
+def test_a_load_in_flight_waits_in_place_without_the_slot_wait_limit():
+    now = [0.0]
+    res = FakeResidency()
+    loading = {"a"}
+    plain = res.acquire
+
+    def acquire(r):
+        if r.key in loading:
+            raise AdapterLoading()
+        return plain(r)
+
+    res.acquire = acquire
+    s, _, _ = make(residency=res, slot_wait_s=5.0, clock=lambda: now[0])
+    s.add(req(0, key="a"))
+    s.add(req(1, key="b"))
+    batch = s.schedule()
+    assert [r.request_id for r, _ in batch.chunks] == ["r1"] and s.num_waiting == 1  # "b" is not held up
+    now[0] = 60.0  # far past the slot wait: a slow read is not a full pool
+    batch = s.schedule()
+    assert not batch.failed and s.num_waiting == 1
+    loading.clear()  # the read finished
+    assert [r.request_id for r, _ in s.schedule().chunks if r.request_id == "r0"] == ["r0"]
 
 
 def test_kv_space_gates_admission_and_finish_releases_everything():
