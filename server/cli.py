@@ -63,14 +63,15 @@ class DrainingServer(uvicorn.Server):
         """A dead engine thread or a hung step (RELIABILITY row 30): /health and /ready already say 503; tell
         every request still in the engine (streams get an error event, not silence), wait `exit_after`
         seconds so those events reach the clients, then exit 1 so the supervisor (Kubernetes, systemd,
-        docker --restart) starts a fresh process. A draining server is left to its drain."""
+        docker --restart) starts a fresh process. This holds during a drain too: a hung engine would never
+        finish what the drain waits for."""
         from server.errors import Unavailable
 
         while not self.should_exit:
             time.sleep(interval)
             runtime = self.state.runtime
             failure = runtime.engine.failure if runtime is not None else None
-            if failure is None or self._drain_started:
+            if failure is None:
                 continue
             told = runtime.engine.abandon(Unavailable(f"the server is restarting: {failure}", retry_after=5))
             event("engine unhealthy; exiting so the process is restarted", reason=failure, requests_told=told,
