@@ -3,7 +3,9 @@
     W = g * (W0 + B A)          adapters_store.semantics.merged_weight (fp32 math, weight dtype out)
 
 Restoring copies back a kept copy of W0 (bitwise), never subtracts: ``(W0 + BA) - BA`` is not W0 in
-floating point, and g may have rounded. MoR has an input-dependent router and is refused.
+floating point, and g may have rounded. The copies of device weights live in pinned host memory, not
+on the device: merge mode must not need a second copy of the adapted weights in GPU memory (for an
+adapter on every linear that is nearly the whole model). MoR has an input-dependent router and is refused.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def merge_into(layers: Mapping[str, nn.Linear], adapter: CompiledAdapter) -> dic
         with torch.no_grad():
             for path, mw in sorted(adapter.modules.items()):
                 weight = layers[path].weight
-                saved[path] = weight.detach().clone()
+                saved[path] = _host_copy(weight)
                 weight.copy_(merged_weight(weight, _to(mw, weight.device)))
     except BaseException:
         restore(layers, saved)
@@ -49,6 +51,14 @@ def restore(layers: Mapping[str, nn.Linear], saved: Mapping[str, torch.Tensor]) 
     with torch.no_grad():
         for path, w0 in saved.items():
             layers[path].weight.copy_(w0)
+
+
+def _host_copy(weight: torch.Tensor) -> torch.Tensor:
+    if weight.device.type == "cpu":
+        return weight.detach().clone()
+    kept = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
+    kept.copy_(weight.detach())  # synchronous: the weight is overwritten right after
+    return kept
 
 
 def _to(mw: ModuleWeights, device: torch.device) -> ModuleWeights:

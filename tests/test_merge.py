@@ -82,3 +82,20 @@ def test_mixed_batch_while_merged_raises_and_merged_adapter_stays_pinned(llama):
     assert pool.slot_of("a") == a and pool.slot_of("b") is None
     pool.unmerge()
     assert pool.plan(torch.tensor([a, -1])).has_adapters
+
+
+@pytest.mark.gpu
+def test_merge_on_cuda_keeps_w0_in_pinned_host_memory_and_restores_bitwise(llama):
+    from server.merge import merge_into, restore
+
+    model = llama.model.to("cuda", torch.bfloat16)
+    adapter = random_adapter(llama, "dora", rank=8, seed=5, std=0.1)
+    layers = {p: model.get_submodule(p) for p in adapter.modules}
+    before = {p: m.weight.detach().clone() for p, m in layers.items()}
+    allocated = torch.cuda.memory_allocated()
+    saved = merge_into(layers, adapter)
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in saved.values())
+    assert torch.cuda.memory_allocated() - allocated < sum(t.numel() for t in saved.values())  # no device copy
+    assert any(not torch.equal(layers[p].weight, before[p]) for p in layers)
+    restore(layers, saved)
+    assert all(torch.equal(layers[p].weight, before[p]) for p in layers)
