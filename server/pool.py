@@ -173,9 +173,10 @@ class AdapterPool:
             return None if res is None else res.slot
 
     def cached(self, key: str) -> bool:
-        """Resident in a slot or held in the CPU tier: acquiring it reads nothing from the store."""
-        with self._lock:
-            return key in self._resident or key in self._cpu
+        """Resident in a slot or held in the CPU tier: acquiring it reads nothing from the store. Called at
+        submit on the event loop, so it does not wait for the pool's lock (the engine thread may hold it
+        through a slot copy); a stale answer costs one needless or one missed prefetch, nothing else."""
+        return key in self._resident or key in self._cpu
 
     def put_cpu(self, key: str, adapter: CompiledAdapter) -> None:
         """Hold an adapter loaded elsewhere (the residency's loader threads) in the CPU tier, LRU-bounded."""
