@@ -31,9 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters_store.basemodels import cache_dir, load_base  # noqa: E402
+from trainer.cli import parse_value  # noqa: E402
 from trainer.data import build_datasets  # noqa: E402
 from trainer.export import build_adapter, write_adapter  # noqa: E402
 from trainer.loop import TrainConfig, train  # noqa: E402
+from trainer.methods.base import get_method  # noqa: E402
 from trainer.plots import plot_ranks  # noqa: E402
 
 CATEGORIES = ("computers", "food", "law", "sports", "startrek")
@@ -51,6 +53,16 @@ METHOD_OPTIONS = {
     "edora": {"rank": 8, "alpha": 16},
 }
 LR = {"lora": 1e-3, "dora": 1e-3, "adalora": 1e-3, "aroma": 1e-3, "mor": 1e-3, "edora": 5e-3}
+
+
+def override_options(methods, items: list[str]) -> None:
+    for method in methods:
+        hints = {f.name: str(f.type) for f in dataclasses.fields(get_method(method).Config)}
+        for item in items:
+            key, sep, raw = item.partition("=")
+            if not sep or key not in hints:
+                raise SystemExit(f"--set {item!r}: {method} options are {sorted(hints)}")
+            METHOD_OPTIONS[method] = {**METHOD_OPTIONS[method], key: parse_value(raw, hints[key])}
 
 
 def fortunes_dir(cache: Path) -> Path:
@@ -200,7 +212,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "fortunes")
     p.add_argument("--tune-lrs", nargs="+", type=float, help="only pick learning rates on a validation split")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a method option for every selected method (e.g. eps_out=0.001); recorded per row")
     args = p.parse_args()
+    override_options(args.methods, args.set)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     adapters_dir = cache_dir() / "experiments" / "fortunes"
