@@ -18,6 +18,16 @@ def history(prefix: Path) -> dict[str, list[tuple[int, dict]]]:
     return out
 
 
+def requests_per_second(hist: dict[str, list[tuple[int, dict]]], t0: int) -> dict[int, float]:
+    """HTTP requests/s summed over every endpoint (not the synthetic entries), by second since t0."""
+    per_second: dict[int, float] = {}
+    for entry, rows in hist.items():
+        if entry != "Aggregated" and not entry.startswith(SYNTHETIC):
+            for t, r in rows:
+                per_second[t - t0] = per_second.get(t - t0, 0.0) + float(r["Requests/s"] or 0)
+    return per_second
+
+
 def load_plot(prefix: Path, rss: list, out: Path) -> None:
     """Throughput (HTTP requests and 429s per second), latency percentiles of the main entries, RSS."""
     import matplotlib
@@ -34,11 +44,7 @@ def load_plot(prefix: Path, rss: list, out: Path) -> None:
                 [float(r[column]) * scale if r[column] not in ("", "N/A") else float("nan") for _, r in rows])
 
     fig, axes = plt.subplots(3, 1, figsize=(9, 9))
-    per_second: dict[int, float] = {}
-    for entry, rows in hist.items():
-        if entry != "Aggregated" and not entry.startswith(SYNTHETIC):
-            for t, r in rows:
-                per_second[t - t0] = per_second.get(t - t0, 0.0) + float(r["Requests/s"] or 0)
+    per_second = requests_per_second(hist, t0)
     ts = sorted(per_second)
     axes[0].plot(ts, [per_second[t] for t in ts], label="HTTP requests/s")
     for entry in [e for e in hist if e.startswith("REJECTED")]:
@@ -77,11 +83,7 @@ def soak_plot(prefix: Path, rss: list, rate_target: float, out: Path) -> None:
         axes[0].plot([t / 60 for t, _ in rss], [m for _, m in rss])
     axes[0].set_ylabel("server RSS (MiB)")
     axes[0].set_xlabel("minutes of soak")
-    per_second: dict[int, float] = {}
-    for entry, rows in hist.items():
-        if entry != "Aggregated" and not entry.startswith(SYNTHETIC):
-            for t, r in rows:
-                per_second[t - t0] = per_second.get(t - t0, 0.0) + float(r["Requests/s"] or 0)
+    per_second = requests_per_second(hist, t0)
     ts = sorted(per_second)
     axes[1].plot([t / 60 for t in ts], [per_second[t] for t in ts], label="HTTP requests/s (offered)")
     for entry in [e for e in hist if e.startswith("REJECTED")]:

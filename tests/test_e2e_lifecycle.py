@@ -9,21 +9,12 @@ import threading
 import time
 
 import httpx
-import torch
 
 from adapters_store.format import loads
 from adapters_store.store import AdapterStore
 from adapters_store.synth import random_adapter
-from tests.util_apply import apply_adapter
+from tests.util_apply import apply_adapter, hf_greedy
 from tests.util_server import LiveServer, compiled_bytes, multipart, sse_events
-
-
-def hf_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def stream_all(url: str, body: dict, out: list, first: threading.Event) -> None:

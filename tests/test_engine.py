@@ -23,6 +23,7 @@ from server.errors import (
     UnknownAdapter,
 )
 from server.metrics import Metrics
+from tests.util_apply import hf_greedy
 
 
 class NotFound(KeyError):
@@ -61,14 +62,6 @@ class MemStore:
 def prompts(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(6, 500, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def collect(handle, timeout=60):

@@ -5,10 +5,9 @@ bad input (RELIABILITY rows 12, 14, 15, 16, 17, 18)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from adapters_store.format import loads
-from tests.util_apply import apply_adapter
+from tests.util_apply import apply_adapter, hf_greedy
 from tests.util_server import app_client, compiled_bytes, metric, multipart, sse_events
 
 
@@ -21,14 +20,6 @@ def srv(tmp_path_factory, tiny_llama):
         assert client.post("/v1/adapters", **multipart("cls", {"cls.safetensors": cls})).status_code == 201
         client.adapters = {"gen": loads(gen), "cls": loads(cls)}
         yield client, state
-
-
-def hf_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def complete(client, **body):

@@ -15,7 +15,7 @@ import torch
 
 from adapters_store.format import loads
 from adapters_store.peft_import import import_peft
-from tests.util_apply import apply_adapter
+from tests.util_apply import apply_adapter, hf_greedy
 from tests.util_server import app_client, compiled_bytes, metric, multipart, peft_files
 
 CAP = 160 << 10
@@ -27,14 +27,6 @@ def srv(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     with app_client("tiny-llama", store, max_upload_bytes=CAP) as (client, state):
         yield client, state
-
-
-def hf_greedy(model, prompt, n):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def generate(client, model, n=5):

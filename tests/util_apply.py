@@ -23,3 +23,12 @@ def apply_adapter(model: nn.Module, adapter: CompiledAdapter) -> nn.Module:
 
         lin.forward = forward
     return model
+
+
+def hf_greedy(model: nn.Module, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens from the plain HF forward, re-run on the whole sequence each step (no KV cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
