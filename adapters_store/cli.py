@@ -21,10 +21,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from adapters_store.format import AdapterFormatError, AdapterMeta, read_header
+from adapters_store.peft_import import CONFIG, WEIGHTS
 from adapters_store.store import AdapterStore, StoreError
 from adapters_store.validate import Limits, validate_bytes
 
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PEFT_FILES = (CONFIG, WEIGHTS)
 
 
 class CliError(Exception):

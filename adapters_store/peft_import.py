@@ -29,12 +29,11 @@ from safetensors.torch import load
 
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, AdapterMeta, CompiledAdapter, ModuleWeights, read_header
-from adapters_store.validate import Limits, PickleRefused, looks_pickled, validate
+from adapters_store.validate import REFUSED_SUFFIXES, Limits, PickleRefused, looks_pickled, validate
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".zip")
 ADALORA_EPS = 1e-5  # PEFT: scaling / (ranknum + 1e-5)
 
 # Tensor key suffix -> role; longest first so ".lora_A.weight" wins over ".lora_A".
@@ -63,9 +62,9 @@ def _read_source(source: str | Path | dict[str, bytes], limits: Limits) -> tuple
     """(config bytes, weights bytes) from a directory or an upload; only those two files are ever read."""
     if isinstance(source, dict):
         names = {Path(n).name: n for n in source}
-        pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
+        pickles = sorted(n for n in names if n.lower().endswith(REFUSED_SUFFIXES))
         if pickles:
-            raise PickleRefused(f"pickle formats are refused, never opened: {', '.join(pickles)} (save with "
+            raise PickleRefused(f"pickle/archive formats are refused, never opened: {', '.join(pickles)} (save with "
                                 f"safe_serialization=True to get {WEIGHTS})")
         extra = sorted(set(names) - {CONFIG, WEIGHTS})
         if extra:
@@ -77,7 +76,7 @@ def _read_source(source: str | Path | dict[str, bytes], limits: Limits) -> tuple
             raise AdapterFormatError(f"{d} is not a directory holding {CONFIG} and {WEIGHTS}")
         present = {p.name for p in d.iterdir()}
         if WEIGHTS not in present:
-            pickles = sorted(n for n in present if n.lower().endswith(PICKLE_SUFFIXES))
+            pickles = sorted(n for n in present if n.lower().endswith(REFUSED_SUFFIXES))
             if pickles:
                 raise PickleRefused(f"{d} holds only pickle weights {pickles}; they are refused, never opened "
                                     f"(save with safe_serialization=True to get {WEIGHTS})")

@@ -42,12 +42,28 @@ class PickleRefused(AdapterFormatError):
     http_status = 415
 
 
+# File names refused unopened wherever adapters come in (uploads, PEFT directories): pickles and archives
+# (torch.save, joblib), and formats that are not an adapter (numpy, HDF5, GGUF).
+REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".zip", ".tar", ".gz", ".npy", ".npz",
+                    ".h5", ".joblib", ".gguf")
+
+
+def sniff_refused(head: bytes) -> str | None:
+    """What a payload is, from its first bytes, if it must be refused unopened: a zip archive (torch.save) or
+    a pickle (protocol 2-5). A safetensors file's JSON header starts at byte 8, which tells it apart from a
+    pickle whose first two bytes happen to match its little-endian header length (0x2_80 begins with the
+    pickle opcode 0x80)."""
+    if head[8:9] == b"{":
+        return None
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (torch.save)"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a pickle"
+    return None
+
+
 def looks_pickled(data: bytes) -> bool:
-    """zip or pickle protocol 2-5, and not a safetensors file (whose header JSON starts at byte 8: a
-    header length of 0x2_80 bytes also begins with the pickle opcode 0x80)."""
-    if data[8:9] == b"{":
-        return False
-    return data[:4] == b"PK\x03\x04" or (len(data) > 1 and data[0] == 0x80 and 2 <= data[1] <= 5)
+    return sniff_refused(data[:16]) is not None
 
 
 def _shape(t: torch.Tensor) -> list[int]:

@@ -28,10 +28,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters_store.basemodels import TARGETS, BaseModel, target_modules
 from adapters_store.synth import random_adapter
-from server.ops import select_backend
-from server.ops.buffers import ModuleSlots
-from server.plan import BatchPlan
-from server.pool import AdapterPool
+from server.lora.buffers import ModuleSlots
+from server.lora.ops import select_backend
+from server.lora.plan import BatchPlan
+from server.lora.pool import AdapterPool
 
 CONFIGS = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

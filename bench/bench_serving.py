@@ -40,7 +40,7 @@ from adapters_store.format import CompiledAdapter  # noqa: E402
 from adapters_store.store import AdapterStore  # noqa: E402
 from adapters_store.synth import random_adapter  # noqa: E402
 from server.engine import Engine, EngineConfig, GenerateParams  # noqa: E402
-from server.scheduler import Request  # noqa: E402
+from server.engine.scheduler import Request  # noqa: E402
 
 METHODS = [("lora", 8, False), ("dora", 8, False), ("adalora", 16, True), ("aroma", 12, True),
            ("mor", 4, False), ("edora", 4, False), ("lora", 16, False), ("lora", 4, False)]

@@ -18,14 +18,12 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import TYPE_CHECKING
 
 import uvicorn  # imports no torch: OMP_WAIT_POLICY below must be set before torch loads OpenMP
 
-from server.logs import event, setup_logging
-
-if TYPE_CHECKING:
-    from server.config import Settings
+from server.common.config import Settings, add_arguments, settings_from  # server.common imports no torch
+from server.common.errors import Unavailable
+from server.common.logs import event, setup_logging
 
 
 class DrainingServer(uvicorn.Server):
@@ -65,8 +63,6 @@ class DrainingServer(uvicorn.Server):
         seconds so those events reach the clients, then exit 1 so the supervisor (Kubernetes, systemd,
         docker --restart) starts a fresh process. This holds during a drain too: a hung engine would never
         finish what the drain waits for."""
-        from server.errors import Unavailable
-
         while not self.should_exit:
             time.sleep(interval)
             runtime = self.state.runtime
@@ -83,7 +79,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> int:
-    from server.app import create_app
+    from server.api.app import create_app
 
     setup_logging(settings.log_level)
     holder: list[DrainingServer] = []
@@ -102,8 +98,6 @@ def serve(settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from server.config import add_arguments
-
     parser = argparse.ArgumentParser(prog="rankserve", description="serve many low-rank adapters on one base model")
     sub = parser.add_subparsers(dest="command", required=True)
     add_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
@@ -126,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         return int(adapters_main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
-    from server.config import settings_from
-
     try:
         settings = settings_from(args)
     except ValueError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from adapters_store.basemodels import BaseModel
 from adapters_store.synth import random_adapter
-from server.logs import event
+from server.common.logs import event
 
 NOTE = "synthetic demo adapter: random weights, for trying the API; its outputs mean nothing"
 

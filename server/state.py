@@ -15,18 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.auth import KeyRing, RateLimiter
-from server.config import Settings
-from server.errors import Unavailable
-from server.logs import event
-from server.metrics import Metrics
+from adapters_store.basemodels import BaseModel, load_base
+from adapters_store.store import AdapterStore
+from adapters_store.validate import Limits
+from server.common.auth import KeyRing, RateLimiter
+from server.common.config import Settings
+from server.common.errors import Unavailable
+from server.common.logs import event
+from server.common.metrics import Metrics
+from server.demo import ensure_demo_adapters
+from server.engine import Engine
 
 
 @dataclass
 class Runtime:
-    base: Any  # adapters_store.basemodels.BaseModel
-    store: Any  # adapters_store.store.AdapterStore
-    engine: Any  # server.engine.Engine
+    base: BaseModel
+    store: AdapterStore
+    engine: Engine
     tokenizer: Any = None  # the HTTP side's own copy: its encodes never contend with the engine thread's
 
     def __post_init__(self) -> None:
@@ -101,24 +106,16 @@ class ServerState:
         shutil.rmtree(self.upload_dir, ignore_errors=True)
 
 
-def open_store(settings: Settings):
-    from adapters_store.store import AdapterStore
-    from adapters_store.validate import Limits
-
+def open_store(settings: Settings) -> AdapterStore:
     limits = Limits(max_file_bytes=settings.max_upload_bytes, max_rank=settings.max_rank)
     return AdapterStore(settings.store, limits)
 
 
 def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
-    from adapters_store.basemodels import load_base
-    from server.engine import Engine
-
     started = time.monotonic()
     base = load_base(settings.model)
     store = open_store(settings)
     if settings.demo_adapters:
-        from server.demo import ensure_demo_adapters
-
         ensure_demo_adapters(store, base)
     records = store.list()
     foreign = sorted(r.id for r in records if r.base_fingerprint != base.fingerprint)

@@ -12,8 +12,7 @@ import torch
 
 from adapters_store.basemodels import load_base
 from adapters_store.format import loads
-from server.engine import Engine, EngineConfig, GenerateParams
-from server.errors import (
+from server.common.errors import (
     ContextLengthExceeded,
     DeadlineExceeded,
     InvalidParameter,
@@ -22,7 +21,8 @@ from server.errors import (
     Unavailable,
     UnknownAdapter,
 )
-from server.metrics import Metrics
+from server.common.metrics import Metrics
+from server.engine import Engine, EngineConfig, GenerateParams
 from tests.util_apply import hf_greedy
 
 

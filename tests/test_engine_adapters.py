@@ -12,9 +12,9 @@ from test_engine import Gate, MemStore, collect, greedy, hf_greedy, prompts, wai
 
 from adapters_store.basemodels import load_base
 from adapters_store.synth import random_adapter
+from server.common.errors import AdapterLoadFailed, Unavailable, UnknownAdapter
+from server.common.metrics import Metrics
 from server.engine import Engine, EngineConfig
-from server.errors import AdapterLoadFailed, Unavailable, UnknownAdapter
-from server.metrics import Metrics
 from tests.util_apply import apply_adapter
 
 MIX = [("lora", 4, False), ("dora", 8, False), ("adalora", 8, True), ("aroma", 6, True),

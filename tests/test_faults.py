@@ -335,4 +335,4 @@ def test_dead_or_hung_engine_tells_streams_then_the_process_exits_1(tmp_path, fa
             assert "hang timeout" in events[-1]["error"]["message"]
         assert server.proc.wait(timeout=60) == 1
         logged = [e for e in server.log_events() if e.get("msg", "").startswith("engine unhealthy")]
-        assert logged, server.logs()[-2000:]
+        assert logged, server.common.logs()[-2000:]

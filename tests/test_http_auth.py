@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from server.auth import AuthenticationFailed, KeyRing, RateLimiter
+from server.common.auth import AuthenticationFailed, KeyRing, RateLimiter
 from tests.util_server import app_client, compiled_bytes, metric, multipart
 
 INFER_A, INFER_B, INFER_PLAIN = "sk-infer-a", "sk-infer-b", "sk-infer-plain"
@@ -25,7 +25,7 @@ class Captured(logging.Handler):
         self.lines: list[str] = []
 
     def emit(self, record):
-        from server.logs import JsonFormatter
+        from server.common.logs import JsonFormatter
 
         self.lines.append(JsonFormatter().format(record))
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from server.cli import build_parser, main
-from server.config import Settings, settings_from
+from server.common.config import Settings, settings_from
 
 BRIEF_FLAGS = ["--model", "--served-model-name", "--store", "--host", "--port", "--api-key", "--admin-key", "--device",
                "--dtype", "--max-queue", "--max-running", "--max-batch-tokens", "--max-slots", "--max-rank",

@@ -8,8 +8,8 @@ import threading
 from fastapi.testclient import TestClient
 
 from server import state as state_mod
-from server.app import create_app
-from server.config import Settings
+from server.api.app import create_app
+from server.common.config import Settings
 from tests.util_server import app_client, wait_for
 
 

@@ -38,5 +38,5 @@ def test_import_direction(package):
 def test_the_checker_sees_every_import_form(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("import server.engine\nfrom trainer import loop\n"
-                 "def g():\n    import importlib\n    importlib.import_module('server.app')\n")
+                 "def g():\n    import importlib\n    importlib.import_module('server.api.app')\n")
     assert {"server", "trainer", "importlib"} <= imported_packages(f)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from adapters_store.synth import random_adapter
-from server.merge import NotMergeable
-from server.plan import MergedBatchError
-from server.pool import AdapterPool
+from server.lora.merge import NotMergeable
+from server.lora.plan import MergedBatchError
+from server.lora.pool import AdapterPool
 
 
 @pytest.fixture()
@@ -86,7 +86,7 @@ def test_mixed_batch_while_merged_raises_and_merged_adapter_stays_pinned(llama):
 
 @pytest.mark.gpu
 def test_merge_on_cuda_keeps_w0_in_pinned_host_memory_and_restores_bitwise(llama):
-    from server.merge import merge_into, restore
+    from server.lora.merge import merge_into, restore
 
     model = llama.model.to("cuda", torch.bfloat16)
     adapter = random_adapter(llama, "dora", rank=8, seed=5, std=0.1)

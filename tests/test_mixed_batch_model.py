@@ -12,7 +12,7 @@ from torch import nn
 from adapters_store.format import METHODS, CompiledAdapter, ModuleWeights
 from adapters_store.semantics import merged_weight, module_forward
 from adapters_store.synth import random_adapter
-from server.pool import AdapterPool
+from server.lora.pool import AdapterPool
 
 # (method, rank, variable_rank): 8 adapters, every serving form, ranks from 2 to 16
 ADAPTERS = [("lora", 8, False), ("dora", 16, False), ("adalora", 12, True), ("aroma", 8, True),

@@ -16,10 +16,10 @@ from torch import nn
 
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterMeta, CompiledAdapter, ModuleWeights
-from server.ops.reference import reference_forward
-from server.ops.torch_cpu import HAS_GROUPED_MM
-from server.plan import MergedBatchError
-from server.pool import AdapterPool
+from server.lora.ops.reference import reference_forward
+from server.lora.ops.torch_cpu import HAS_GROUPED_MM
+from server.lora.plan import MergedBatchError
+from server.lora.pool import AdapterPool
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)}
 FORMS = ("plain", "out_scale", "mor", "absent")
@@ -141,9 +141,9 @@ def test_token_count_mismatch_and_bad_slots_are_named():
 
 @pytest.mark.parametrize("backend", ["torch-gather", "torch"])
 def test_without_row_table_the_buckets_serve(backend, monkeypatch):
-    import server.plan
+    import server.lora.plan
 
-    monkeypatch.setattr(server.plan, "ROWS_CAP", 0)  # no [T_a, R] row table: per-bucket paths only
+    monkeypatch.setattr(server.lora.plan, "ROWS_CAP", 0)  # no [T_a, R] row table: per-bucket paths only
     specs = [("plain", 3), ("out_scale", 8), ("mor", 4), ("plain", 64), ("mor", 16)]
     check(backend, torch.float32, 40, 24, specs, 7, seed=3)
 

@@ -23,7 +23,7 @@ def interpreted():
     """Re-import the kernels with the interpreter on (they may have been jit-decorated for a GPU before)."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    import server.ops.triton_kernels as kernels
+    import server.lora.ops.triton_kernels as kernels
 
     importlib.reload(kernels)
     yield kernels

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapters_store.format import AdapterFormatError
-from server.pool import AdapterPool, PoolExhausted, default_buckets
+from server.lora.pool import AdapterPool, PoolExhausted, default_buckets
 from tests.test_ops import adapter_of, module_of, one_linear_base
 
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from server.kvcache import KVCacheFull, PagedKVCache
-from server.runner import Chunk, ModelRunner, pooled_hidden
+from server.engine.classify import pooled_hidden
+from server.model.kvcache import KVCacheFull, PagedKVCache
+from server.model.runner import Chunk, ModelRunner
 
 
 def make_runner(base, num_blocks=64, block_size=4, max_seqs=8, max_len=64):

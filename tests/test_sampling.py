@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from adapters_store.basemodels import tiny_tokenizer
-from server.sampling import Detokenizer, OutputState, RowSampling, SamplingParams, make_generator, sample
+from server.engine.output import OutputState
+from server.engine.sampler import RowSampling, SamplingParams, make_generator, sample
+from server.engine.tokens import TokenState
 
 NO_EOS = torch.tensor([], dtype=torch.long)
 
@@ -61,8 +63,8 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_min_tokens_masks_eos_until_reached():
     logits = torch.tensor([[10.0, 0.0, 0.0]])  # EOS (id 0) dominates
     eos = torch.tensor([0])
-    held = RowSampling(SamplingParams(temperature=0.0, min_tokens=2), torch.Generator(), num_generated=1)
-    free = RowSampling(SamplingParams(temperature=0.0, min_tokens=2), torch.Generator(), num_generated=2)
+    held = RowSampling(SamplingParams(temperature=0.0, min_tokens=2), torch.Generator(), TokenState([5], num_prompt=0))
+    free = RowSampling(SamplingParams(temperature=0.0, min_tokens=2), torch.Generator(), TokenState([5, 6], num_prompt=0))
     assert sample(logits.repeat(2, 1), [held, free], eos) == [1, 0]
 
 
@@ -80,7 +82,7 @@ def tok():
 
 
 def run_output(tok, text_ids, prompt=(45, 74), eos=(0,), **params):
-    state = OutputState(SamplingParams(**params), Detokenizer(tok, list(prompt)), frozenset(eos))
+    state = OutputState(SamplingParams(**params), tok, TokenState(list(prompt)), frozenset(eos))
     deltas, reason = [], None
     for t in text_ids:
         d, reason = state.append(t)
@@ -101,12 +103,12 @@ def test_stop_string_is_cut_and_not_returned(tok):
     ids = tok("hello world STOP more text").input_ids
     text, reason, st = run_output(tok, ids, max_tokens=100, stop=("STOP",))
     assert (text, reason) == ("hello world ", "stop")
-    assert len(st.token_ids) < len(ids)
+    assert len(st.tokens.generated) < len(ids)
 
 
 def test_partial_stop_prefix_is_held_back_then_released(tok):
     ids = tok("a STin the end").input_ids
-    state = OutputState(SamplingParams(max_tokens=100, stop=("STOP",)), Detokenizer(tok, []), frozenset({0}))
+    state = OutputState(SamplingParams(max_tokens=100, stop=("STOP",)), tok, TokenState(), frozenset({0}))
     out = ""
     for t in ids:
         d, reason = state.append(t)
@@ -119,18 +121,18 @@ def test_partial_stop_prefix_is_held_back_then_released(tok):
 def test_eos_stops_unless_ignored_and_respects_min_tokens(tok):
     ids = tok("abc").input_ids
     text, reason, st = run_output(tok, ids + [0] + ids, max_tokens=50)
-    assert reason == "stop" and text == "abc" and st.token_ids[-1] == 0
+    assert reason == "stop" and text == "abc" and st.tokens.generated[-1] == 0
     _, reason, st = run_output(tok, ids + [0] + ids, max_tokens=50, ignore_eos=True)
-    assert reason is None and len(st.token_ids) == 2 * len(ids) + 1
+    assert reason is None and len(st.tokens.generated) == 2 * len(ids) + 1
     _, reason, st = run_output(tok, [0, 0, 0] + ids, max_tokens=50, min_tokens=2)
-    assert reason == "stop" and len(st.token_ids) == 3
+    assert reason == "stop" and len(st.tokens.generated) == 3
 
 
 def test_stop_strings_wait_for_min_tokens(tok):
     ids = tok("X Y X Y").input_ids
     second_x = [i for i, t in enumerate(ids) if tok.decode([t]) == "X"][1]
     text, reason, st = run_output(tok, ids, max_tokens=50, stop=("X",), min_tokens=2)
-    assert reason == "stop" and len(st.token_ids) == second_x + 1  # the first X came before min_tokens
+    assert reason == "stop" and len(st.tokens.generated) == second_x + 1  # the first X came before min_tokens
     assert text == "X Y "
 
 
@@ -146,5 +148,5 @@ def test_incomplete_character_is_held_then_flushed_at_the_end(tok):
     ids = tok("ok 😀").input_ids
     text, reason, _ = run_output(tok, ids[:-1], max_tokens=len(ids) - 1)  # ends inside the emoji's bytes
     assert reason == "length" and text == tok.decode(ids[:-1]) and text.endswith("\ufffd")
-    state = OutputState(SamplingParams(max_tokens=50), Detokenizer(tok, []), frozenset({0}))
+    state = OutputState(SamplingParams(max_tokens=50), tok, TokenState(), frozenset({0}))
     assert "".join(state.append(t)[0] for t in ids[:-1]) == "ok "  # the partial character waits

@@ -2,8 +2,11 @@
 
 import pytest
 
-from server.errors import AdapterLoadFailed, QueueFull, Unavailable
-from server.scheduler import AdapterBusy, AdapterLoading, Request, Scheduler
+from server.common.errors import AdapterLoadFailed, QueueFull, Unavailable
+from server.engine.request import Request
+from server.engine.scheduler import Scheduler
+from server.engine.tokens import TokenState
+from server.lora.residency import AdapterBusy, AdapterLoading
 
 
 class FakeKV:
@@ -64,7 +67,7 @@ class FakeResidency:
 
 
 def req(i, key=None, prompt=4, max_tokens=4):
-    return Request(f"r{i}", key, list(range(prompt)), max_tokens)
+    return Request(f"r{i}", key, TokenState(list(range(prompt))), max_tokens)
 
 
 def make(**kw):
@@ -80,7 +83,7 @@ def advance(batch):
     for r, n in batch.chunks:
         r.num_computed += n
         if r.num_computed == r.num_tokens:
-            r.num_tokens += 1
+            r.tokens.append(0)
 
 
 def test_chunked_prefill_under_token_budget_with_decodes_first():

@@ -36,10 +36,10 @@ def app_client(model: str, store_dir: Path, engine_opts: dict | None = None, **s
     from adapters_store.basemodels import load_base
     from adapters_store.store import AdapterStore
     from adapters_store.validate import Limits
-    from server.app import create_app
-    from server.config import Settings
+    from server.api.app import create_app
+    from server.common.config import Settings
+    from server.common.metrics import Metrics
     from server.engine import Engine, EngineConfig
-    from server.metrics import Metrics
     from server.state import Runtime
 
     s = Settings(model=model, store=str(store_dir), **settings)

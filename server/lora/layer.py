@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.ops import LowRankOp, ModuleSlots
-from server.plan import BatchPlan
+from server.lora.ops import LowRankOp, ModuleSlots
+from server.lora.plan import BatchPlan
 
 
 class StepContext:

@@ -19,8 +19,8 @@ from typing import Protocol
 
 import torch
 
-from server.ops.buffers import ModuleSlots
-from server.plan import BatchPlan
+from server.lora.buffers import ModuleSlots
+from server.lora.plan import BatchPlan
 
 __all__ = ["LowRankOp", "ModuleSlots", "select_backend"]
 
@@ -39,10 +39,10 @@ def select_backend(device: torch.device | str, name: str | None = None) -> LowRa
         # find_spec, not an import: the kernels are only defined (jit-decorated) when triton is chosen
         name = "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
     if name == "triton":
-        from server.ops.triton_kernels import TritonLowRank
+        from server.lora.ops.triton_kernels import TritonLowRank
 
         return TritonLowRank()
-    from server.ops.torch_cpu import TorchLowRank
+    from server.lora.ops.torch_cpu import TorchLowRank
 
     if name == "torch":
         return TorchLowRank()

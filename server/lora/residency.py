@@ -21,21 +21,36 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, CompiledAdapter
-from server.errors import AdapterLoadFailed, UnknownAdapter
-from server.metrics import Metrics
-from server.pool import AdapterPool, PoolExhausted
-from server.scheduler import AdapterBusy, AdapterLoading
+from server.common.errors import AdapterLoadFailed, UnknownAdapter
+from server.common.metrics import Metrics
+from server.lora.pool import AdapterPool, PoolExhausted
 
 log = logging.getLogger("rankserve.residency")
 
 
-def make_pool(base, device, dtype, max_slots: int, max_rank: int, cpu_bytes: int) -> AdapterPool:
-    pool = AdapterPool(base, device, dtype, max_slots=max_slots, max_rank=max_rank, cpu_bytes=cpu_bytes)
-    pool.install()
-    return pool
+class AdapterBusy(Exception):
+    """No device slot can take the adapter right now (all pinned); try again at a later step."""
+
+
+class AdapterLoading(AdapterBusy):
+    """The adapter is being read from the store on a loader thread; try again at a later step. This wait is
+    bounded by the request's deadline, not by the slot wait."""
+
+
+class Claim(Protocol):
+    """What residency reads of a request or classify job: the adapter version it captured at submit."""
+
+    adapter_id: str | None
+    key: str | None  # the adapter's digest; None = the base model
+
+
+class Residency(Protocol):
+    def acquire(self, req: Claim) -> int: ...  # device slot (-1 = base); raises AdapterBusy or ServingError
+    def release(self, req: Claim) -> None: ...
 
 
 class AdapterResidency:
@@ -94,7 +109,7 @@ class AdapterResidency:
         if why is not None:
             raise AdapterLoadFailed(f"adapter {adapter_id!r} failed to load: {why}", param="model")
 
-    def acquire(self, req) -> int:
+    def acquire(self, req: Claim) -> int:
         """Device slot for ``req.key`` (-1 for the base); AdapterBusy when every slot is pinned."""
         if req.key is None:
             return -1
@@ -121,7 +136,7 @@ class AdapterResidency:
             self.metrics.adapter_load_duration.labels(source=source).observe(time.monotonic() - start)
         return slot
 
-    def release(self, req) -> None:
+    def release(self, req: Claim) -> None:
         if req.key is not None:
             self.pool.release(req.key)
 

@@ -16,7 +16,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
                0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-TIERS = ("gpu", "cpu")
+TIERS = ("gpu", "cpu")  # adapter residency tiers (the pool), as metric labels; "gpu" even on CPU
 
 
 class Metrics:

@@ -1,4 +1,5 @@
-"""The engine's request types: what the HTTP layer submits, what it receives, and how events cross threads.
+"""The engine's request types: what the HTTP layer submits, what it receives, how events cross threads, and
+the state the engine keeps per request (scheduling, adapter pin, tokens, output).
 
 Events are produced on the engine thread and consumed on the caller's asyncio loop: ``EventSink``
 captures that loop at submit time and delivers with ``loop.call_soon_threadsafe`` into an
@@ -14,10 +15,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
-from server.errors import DeadlineExceeded, ServingError
-from server.metrics import Metrics
-from server.sampling import OutputState, RowSampling, SamplingParams
-from server.scheduler import Request
+from server.common.errors import DeadlineExceeded, ServingError
+from server.common.metrics import Metrics
+from server.engine.output import OutputState
+from server.engine.sampler import RowSampling, SamplingParams
+from server.engine.tokens import TokenState
 
 
 @dataclass
@@ -122,16 +124,51 @@ class RequestHandle:
 
 
 @dataclass(eq=False)
+class Request:
+    """What the scheduler tracks per request; the engine subclasses it with outputs and the event sink.
+
+    Its adapter claim (``key``, ``adapter_id``, ``adapter_slot``, ``pinned``, ``slot_wait_since``) is what
+    ``engine.admission`` reads and writes, the same fields as a ``ClassifyJob``'s."""
+
+    request_id: str
+    key: str | None  # residency key: the adapter's digest captured at submit; None = base model
+    tokens: TokenState  # prompt + generated ids: the one copy
+    max_tokens: int
+    adapter_id: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # monotonic seconds
+    num_computed: int = 0  # tokens whose keys/values are in the cache
+    seq: int = -1  # KV sequence slot while admitted
+    adapter_slot: int = -1
+    pinned: bool = False
+    scheduled_at: float | None = None
+    slot_wait_since: float | None = None
+    preemptions: int = 0  # times its cache was taken back; it then recomputes prompt + generated tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + generated tokens known so far."""
+        return len(self.tokens)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.tokens.prompt
+
+
+@dataclass(eq=False)
 class GenRequest(Request):
     """A generate request inside the engine: scheduling state plus outputs and timings."""
 
-    adapter_id: str | None = None
     handle: RequestHandle | None = None
     out: OutputState | None = None
     rows: RowSampling | None = None
-    ids: list[int] = field(default_factory=list)  # prompt + generated, the runner's token source
     done: bool = False
     last_token_at: float | None = None
+
+    def event(self, delta: str = "", token_ids: list[int] | None = None, reason: str | None = None,
+              error: ServingError | None = None) -> GenerateEvent:
+        """An event for the caller, its usage counts read from the token state."""
+        return GenerateEvent(delta, token_ids or [], reason, self.tokens.num_prompt, self.tokens.num_generated, error)
 
     def observe_token(self, now: float, metrics: Metrics | None) -> None:
         if metrics is not None:

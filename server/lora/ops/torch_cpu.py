@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from server.ops.buffers import ModuleSlots
-from server.plan import BatchPlan, BucketPlan
+from server.lora.buffers import ModuleSlots
+from server.lora.plan import BatchPlan, BucketPlan
 
 
 def _grouped_mm_works() -> bool:

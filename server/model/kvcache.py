@@ -13,6 +13,20 @@ from __future__ import annotations
 
 import torch
 
+from server.common.machine import host_share_bytes
+
+
+def kv_budget_bytes(device: torch.device, gpu_memory_utilization: float) -> int:
+    """Bytes for the KV cache when none is configured, read once the weights and adapter slots are allocated.
+
+    CUDA: what is still free below ``gpu_memory_utilization`` of the device (as vLLM's setting of that name,
+    without its profiling run: activations live in the remaining share). CPU: 1/8 of the host's available
+    memory. ``PagedKVCache.for_model`` then caps it at what ``max_seqs`` full-length sequences can use."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return max(0, int(gpu_memory_utilization * total) - (total - free))
+    return host_share_bytes()
+
 
 class KVCacheFull(RuntimeError):
     """Not enough free blocks or sequence slots for the requested reservation."""

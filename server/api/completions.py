@@ -26,12 +26,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import Principal
-from server.deps import ERROR_RESPONSES, adapter_of, get_state, inference_principal, watch_disconnect
-from server.errors import BadRequest, DeadlineExceeded, InvalidParameter, ServingError
-from server.middleware import describe_error
-from server.requests import GenerateEvent, GenerateParams, RequestHandle
-from server.schemas import (
+from server.api.deps import (
+    ERROR_RESPONSES,
+    HUNG_GRACE_S,
+    adapter_of,
+    get_state,
+    inference_principal,
+    watch_disconnect,
+)
+from server.api.middleware import describe_error
+from server.api.schemas import (
     AssistantMessage,
     ChatChoice,
     ChatRequest,
@@ -42,10 +46,12 @@ from server.schemas import (
     SamplingRequest,
     Usage,
 )
+from server.common.auth import Principal
+from server.common.errors import BadRequest, DeadlineExceeded, InvalidParameter, ServingError
+from server.engine import GenerateEvent, GenerateParams, RequestHandle
 
 router = APIRouter(tags=["generate"])
 log = logging.getLogger("rankserve.http")
-HUNG_GRACE_S = 5.0  # past the deadline, the engine itself should have answered 504; this guards a hung one
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERROR_RESPONSES)

@@ -22,10 +22,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.auth import AuthenticationFailed, PermissionDenied, RateLimited
-from server.errors import QueueFull, ServingError, Unavailable, UnknownAdapter
-from server.logs import event, request_id_var
-from server.metrics import Metrics
+from server.common.auth import AuthenticationFailed, PermissionDenied, RateLimited
+from server.common.errors import QueueFull, ServingError, Unavailable, UnknownAdapter
+from server.common.logs import event, request_id_var
+from server.common.metrics import Metrics
 
 PROBES = frozenset({"/health", "/ready", "/metrics"})
 OPEN_PATHS = PROBES | {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}

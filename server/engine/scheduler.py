@@ -10,10 +10,11 @@ Fairness: the waiting queue is one FIFO per adapter, and admission takes the hea
 in turn (round-robin, the rotation kept across steps), so a hot adapter with a long queue cannot starve
 the cold ones behind it.
 
-Residency: before a request is admitted its adapter is made resident and pinned (``Residency.acquire``;
-``release`` when it leaves). ``AdapterBusy`` means no slot is free now: the request keeps its place and
-waits, at most ``slot_wait_s``, then fails with ``Unavailable``. Any other ``ServingError`` (a corrupt
-file, a deleted adapter) fails every request waiting for that same adapter version, and nothing else.
+Residency: before a request is admitted its adapter is made resident and pinned (``engine.admission``, the
+path classify jobs take too; unpinned when it leaves). No free slot: the request keeps its place and waits,
+at most ``slot_wait_s``, then fails with ``Unavailable``. Any ``ServingError`` (a corrupt file, a deleted
+adapter, the slot wait exceeded) fails every request waiting for that same adapter version, and nothing
+else.
 
 Threading: ``add``/``remove_waiting``/counts may be called from any thread (a lock guards the waiting
 queue only, never held while an adapter loads); ``schedule``/``finish`` run on the engine thread.
@@ -28,21 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from server.errors import QueueFull, ServingError, Unavailable
-
-
-class AdapterBusy(Exception):
-    """No device slot can take the adapter right now (all pinned); try again at a later step."""
-
-
-class AdapterLoading(AdapterBusy):
-    """The adapter is being read from the store on a loader thread; try again at a later step. This wait is
-    bounded by the request's deadline, not by the slot wait."""
-
-
-class Residency(Protocol):
-    def acquire(self, req: Request) -> int: ...  # device slot (-1 = base); raises AdapterBusy or ServingError
-    def release(self, req: Request) -> None: ...
+from server.common.errors import QueueFull, ServingError
+from server.engine.admission import Admission
+from server.engine.request import Request
+from server.lora.residency import Residency
 
 
 class KVSpace(Protocol):
@@ -50,29 +40,6 @@ class KVSpace(Protocol):
     def allocate(self, num_tokens: int) -> int: ...
     def grow(self, seq: int, num_tokens: int) -> bool: ...
     def free(self, seq: int) -> None: ...
-
-
-@dataclass(eq=False)
-class Request:
-    """What the scheduler tracks per request; the engine subclasses it with outputs and the event sink."""
-
-    request_id: str
-    key: str | None  # residency key: the adapter's digest captured at submit; None = base model
-    prompt_ids: list[int]
-    max_tokens: int
-    arrival: float = field(default_factory=time.monotonic)
-    deadline: float | None = None  # monotonic seconds
-    num_tokens: int = 0  # prompt + generated tokens known so far (the engine advances it)
-    num_computed: int = 0  # tokens whose keys/values are in the cache
-    seq: int = -1  # KV sequence slot while admitted
-    adapter_slot: int = -1
-    pinned: bool = False
-    scheduled_at: float | None = None
-    slot_wait_since: float | None = None
-    preemptions: int = 0  # times its cache was taken back; it then recomputes prompt + generated tokens
-
-    def __post_init__(self) -> None:
-        self.num_tokens = self.num_tokens or len(self.prompt_ids)
 
 
 @dataclass
@@ -88,12 +55,11 @@ class Scheduler:
         if max_batch_tokens < 1 or max_running < 1 or max_queue < 0:
             raise ValueError(f"max_batch_tokens={max_batch_tokens}, max_running={max_running} must be >= 1 "
                              f"and max_queue={max_queue} >= 0")
-        self.residency = residency
+        self.admission = Admission(residency, slot_wait_s, clock, self.retry_after)
         self.kv = kv
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.max_queue = max_queue
-        self.slot_wait_s = slot_wait_s
         self.clock = clock
         self.running: list[Request] = []
         self._lock = threading.Lock()
@@ -171,19 +137,15 @@ class Scheduler:
                     self._requeue_front(req)
                 break
             try:
-                req.adapter_slot = self.residency.acquire(req)
-            except AdapterBusy as e:
-                busy.add(req.key)
-                self._requeue_front(req)
-                if not isinstance(e, AdapterLoading):
-                    self._check_slot_wait(req, batch)
-                continue
+                admitted = self.admission.admit(req)
             except ServingError as e:
                 batch.failed.append((req, e))
                 batch.failed.extend((r, e) for r in self._drain_key(req.key))
                 continue
-            req.pinned = True
-            req.slot_wait_since = None
+            if not admitted:
+                busy.add(req.key)
+                self._requeue_front(req)
+                continue
             req.seq = self.kv.allocate(req.num_tokens)
             req.scheduled_at = self.clock()
             self.running.append(req)
@@ -203,9 +165,7 @@ class Scheduler:
                 self.kv.free(req.seq)
         finally:
             req.seq = -1
-            if req.pinned:
-                req.pinned = False
-                self.residency.release(req)
+            self.admission.release(req)
 
     def _preempt(self, req: Request) -> None:
         """Give a running request's cache blocks and adapter pin back and requeue it at the front of its
@@ -217,9 +177,7 @@ class Scheduler:
             req.seq = -1
             req.num_computed = 0
             req.preemptions += 1
-            if req.pinned:
-                req.pinned = False
-                self.residency.release(req)
+            self.admission.release(req)
             self._requeue_front(req)
 
     def _next_waiting(self, skip: set[str | None]) -> Request | None:
@@ -254,12 +212,3 @@ class Scheduler:
             q = self._queues.pop(key, deque())
             self._waiting -= len(q)
             return list(q)
-
-    def _check_slot_wait(self, req: Request, batch: Batch) -> None:
-        now = self.clock()
-        if req.slot_wait_since is None:
-            req.slot_wait_since = now
-        elif now - req.slot_wait_since > self.slot_wait_s:
-            err = Unavailable(f"no adapter slot became free within {self.slot_wait_s:g} s (all slots pinned "
-                              f"by running requests)", retry_after=self.retry_after())
-            batch.failed.extend((r, err) for r in self._drain_key(req.key))

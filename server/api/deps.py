@@ -8,11 +8,12 @@ import asyncio
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from server.auth import Principal
-from server.schemas import ErrorResponse
+from server.api.schemas import ErrorResponse
+from server.common.auth import Principal
 from server.state import ServerState
 
 bearer = HTTPBearer(auto_error=False, description="an API key: Authorization: Bearer <key>")
+HUNG_GRACE_S = 5.0  # past the deadline, the engine itself should have answered 504; this guards a hung one
 ERROR_RESPONSES: dict = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 413, 422, 429, 503, 504)}
 
 

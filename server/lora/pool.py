@@ -3,7 +3,7 @@
     store/loader -> CPU tier (CompiledAdapter LRU, bounded in bytes) -> device slot (copy_ into buffers)
 
 Every target linear of the base is wrapped in a ``LowRankLinear`` (``install``) that owns a view of the
-pool's preallocated buffers for that module (``server.ops.buffers.ModuleSlots``). Buckets hold
+pool's preallocated buffers for that module (``server.lora.buffers.ModuleSlots``). Buckets hold
 ``n_b`` slots of ``R_b`` rank rows each; an adapter goes to the smallest bucket that fits its largest
 module (MoR: N*r rows) and spills into larger buckets when those are full. ``acquire`` pins; only idle
 (unpinned) adapters are evicted, least recently used first; ``PoolExhausted`` when every fitting slot
@@ -25,12 +25,12 @@ import torch
 
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, CompiledAdapter
-from server import merge as merging
-from server.lowrank import LowRankLinear, StepContext
-from server.ops import ModuleSlots, select_backend
-from server.plan import BatchPlan, SlotTable, build_plan
-
-TIERS = ("gpu", "cpu")
+from server.common.metrics import TIERS
+from server.lora import merge as merging
+from server.lora.buffers import ModuleSlots
+from server.lora.layer import LowRankLinear, StepContext
+from server.lora.ops import select_backend
+from server.lora.plan import BatchPlan, SlotTable, build_plan
 
 
 class PoolExhausted(RuntimeError):
@@ -63,6 +63,14 @@ def default_buckets(max_slots: int, max_rank: int) -> list[tuple[int, int]]:
     ranks = ranks[-max_slots:]
     share, extra = divmod(max_slots, len(ranks))
     return [(r, share + (1 if i < extra else 0)) for i, r in enumerate(ranks)]
+
+
+def make_pool(base: BaseModel, device: torch.device, dtype: torch.dtype, max_slots: int, max_rank: int,
+              cpu_bytes: int) -> AdapterPool:
+    """A pool with the default buckets, installed into the base model (its target linears wrapped)."""
+    pool = AdapterPool(base, device, dtype, max_slots=max_slots, max_rank=max_rank, cpu_bytes=cpu_bytes)
+    pool.install()
+    return pool
 
 
 class AdapterPool:

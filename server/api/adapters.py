@@ -17,13 +17,13 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store.store import AdapterExists, check_id
-from server.auth import PermissionDenied, Principal
-from server.deps import ERROR_RESPONSES, admin_principal, get_state, inference_principal
-from server.errors import BadRequest, InvalidParameter, UnknownAdapter
-from server.logs import event
-from server.middleware import describe_error
+from server.api.deps import ERROR_RESPONSES, admin_principal, get_state, inference_principal
+from server.api.middleware import describe_error
+from server.api.uploads import CONFIG, WEIGHTS, ClientGone, Upload, receive_upload
+from server.common.auth import PermissionDenied, Principal
+from server.common.errors import BadRequest, InvalidParameter, UnknownAdapter
+from server.common.logs import event
 from server.state import ServerState
-from server.uploads import CONFIG, WEIGHTS, ClientGone, Upload, receive_upload
 
 router = APIRouter(tags=["adapters"])
 HIDDEN_FIELDS = {"path"}  # server paths stay private

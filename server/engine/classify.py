@@ -8,31 +8,30 @@ applied to its own rows.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
-from server.errors import AdapterLoadFailed, ServingError, Unavailable
-from server.requests import ClassifyJob
-from server.runner import pooled_hidden
-from server.scheduler import AdapterBusy, AdapterLoading, Residency
+from server.common.errors import AdapterLoadFailed, ServingError, Unavailable
+from server.engine.admission import Admission
+from server.engine.request import ClassifyJob
+from server.lora.pool import AdapterPool
 
 Result = list[tuple[str, dict[str, float]]]
 
 
 class ClassifyStep:
-    def __init__(self, model: torch.nn.Module, is_decoder: bool, tokenizer, pool, residency: Residency,
-                 max_len: int, max_rows: int, slot_wait_s: float, before_run: Callable[[], None]):
+    def __init__(self, model: nn.Module, is_decoder: bool, tokenizer, pool: AdapterPool, admission: Admission,
+                 max_len: int, max_rows: int, before_run: Callable[[], None]):
         self.model = model
         self.is_decoder = is_decoder
         self.tokenizer = tokenizer
         self.pool = pool
-        self.residency = residency
+        self.admission = admission
         self.max_len = max_len
         self.max_rows = max_rows
-        self.slot_wait_s = slot_wait_s
         self.before_run = before_run  # e.g. restore the base weights if a generate batch merged an adapter
         self.jobs: deque[ClassifyJob] = deque()  # appended from the caller's thread, consumed here
         self.busy = False
@@ -43,7 +42,6 @@ class ClassifyStep:
             return False
         batch: list[ClassifyJob] = []
         rows = 0
-        now = time.monotonic()
         for job in list(self.jobs):
             if job.done:
                 self.jobs.remove(job)
@@ -51,20 +49,12 @@ class ClassifyStep:
             if rows and rows + len(job.texts) > self.max_rows:
                 break
             try:
-                job.adapter_slot = self.residency.acquire(job)  # type: ignore[arg-type]
-            except AdapterLoading:
-                continue
-            except AdapterBusy:
-                job.slot_wait_since = job.slot_wait_since or now
-                if now - job.slot_wait_since > self.slot_wait_s:
-                    self.jobs.remove(job)
-                    job.resolve(None, Unavailable(f"no adapter slot became free within {self.slot_wait_s:g} s"))
-                continue
+                if not self.admission.admit(job):
+                    continue  # no slot yet, or its adapter is still loading: it keeps its place
             except ServingError as e:
                 self.jobs.remove(job)
                 job.resolve(None, e)
                 continue
-            job.pinned = True
             self.jobs.remove(job)
             batch.append(job)
             rows += len(job.texts)
@@ -85,9 +75,7 @@ class ClassifyStep:
         finally:
             self.busy = False
             for job in batch:
-                if job.pinned:
-                    job.pinned = False
-                    self.residency.release(job)  # type: ignore[arg-type]
+                self.admission.release(job)
         return True
 
     def reap(self, now: float) -> None:
@@ -141,3 +129,21 @@ class ClassifyStep:
             results.append([(labels[int(p.argmax())], {lab: float(v) for lab, v in zip(labels, p.tolist(), strict=True)})
                             for p in probs])
         return results
+
+
+def pooled_hidden(model: nn.Module, is_decoder: bool, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  poolings: list[str]) -> torch.Tensor:
+    """Classification features: the HF backbone forward on a right-padded batch ``[B, L]`` -> ``[B, d]``.
+
+    Decoders use ``model.model`` (the final norm is applied inside), encoders the backbone itself. Pooling
+    per row: ``last`` real token, ``first`` token, or the masked ``mean``."""
+    backbone = model.model if is_decoder else model
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, d]
+    lengths = attention_mask.sum(dim=1)  # [B]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    last = hidden[rows, lengths - 1]
+    first = hidden[:, 0]
+    m = attention_mask[:, :, None].to(hidden.dtype)
+    mean = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
+    pick = {"last": last, "first": first, "mean": mean}
+    return torch.stack([pick[p][b] for b, p in enumerate(poolings)])  # [B, d]

@@ -20,11 +20,10 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from server.errors import InvalidParameter, ServingError
+from adapters_store.peft_import import CONFIG, WEIGHTS
+from adapters_store.validate import REFUSED_SUFFIXES, sniff_refused
+from server.common.errors import InvalidParameter, ServingError
 
-REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".zip", ".tar", ".gz", ".npy", ".npz",
-                    ".h5", ".joblib", ".gguf")
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 MAX_FIELD_BYTES = 64 << 10
 MAX_PARTS = 8
 
@@ -43,19 +42,6 @@ class UnsupportedUpload(ServingError):
 
 class ClientGone(Exception):
     """The client disconnected mid-upload: nothing is registered, nothing is answered."""
-
-
-def sniff_refused(head: bytes) -> str | None:
-    """What a payload is if it must be refused unopened: zip (torch.save) or pickle protocol 2-5. A
-    safetensors file's JSON header starts at byte 8, which tells it apart from a pickle whose first two
-    bytes happen to match its little-endian header length."""
-    if head[8:9] == b"{":
-        return None
-    if head[:4] == b"PK\x03\x04":
-        return "a zip archive (torch.save)"
-    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "a pickle"
-    return None
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""Server settings: one frozen dataclass, filled from `rankserve serve` flags, then `RANKSERVE_*` env vars,
-then defaults (flags win).
+"""Settings: the server's (one frozen dataclass, filled from `rankserve serve` flags, then `RANKSERVE_*` env
+vars, then defaults; flags win) and the engine's (``EngineConfig``, derived from them).
 
-Every field maps to a flag `--field-name` and an env var `RANKSERVE_FIELD_NAME`. List-valued keys
-(`--api-key`, `--admin-key`, repeatable) also read the plural env vars `RANKSERVE_API_KEYS` and
-`RANKSERVE_ADMIN_KEYS`: comma-separated `KEY` or `KEY:TENANT` entries.
+Every ``Settings`` field maps to a flag `--field-name` and an env var `RANKSERVE_FIELD_NAME`. List-valued
+keys (`--api-key`, `--admin-key`, repeatable) also read the plural env vars `RANKSERVE_API_KEYS` and
+`RANKSERVE_ADMIN_KEYS`: comma-separated `KEY` or `KEY:TENANT` entries. Sizes given as 0 are taken from the
+machine at start-up (the KV cache from free memory, as vLLM's ``gpu_memory_utilization``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,30 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from server.engine import EngineConfig
-
 MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
+    max_batch_tokens: int = 512  # tokens per step (decodes + prefill chunks)
+    max_running: int = 32
+    max_queue: int = 256
+    max_model_len: int = 2048  # prompt + max_tokens; capped by the base's max positions
+    kv_cache_bytes: int = 0  # 0 = from free memory (model.kvcache.kv_budget_bytes)
+    kv_block_size: int = 16
+    gpu_memory_utilization: float = 0.9  # CUDA: share of device memory weights + slots + KV cache may fill
+    max_slots: int = 32  # device adapter slots
+    max_rank: int = 64
+    cpu_cache_bytes: int = 0  # CPU tier of adapters; 0 = a share of the host's available memory
+    request_timeout_s: float = 600.0  # default deadline when the request sets none
+    slot_wait_s: float = 30.0  # longest wait for a free adapter slot before 503
+    hang_timeout_s: float = 120.0  # a step longer than this marks the engine unhealthy
+    merge_single_adapter: bool = False
+    async_adapter_loads: bool = True  # read adapters from the store on loader threads, not the engine thread
+    max_classify_rows: int = 64
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -35,6 +57,11 @@ class Settings:
     max_slots: int = 32
     max_rank: int = 64
     max_model_len: int = 2048
+    kv_cache_bytes: int = 0  # 0 = sized from free memory
+    kv_block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    cpu_cache_bytes: int = 0  # 0 = sized from the host's available memory
+    slot_wait: float = 30.0  # seconds a request waits for a free adapter slot before 503
     max_upload_bytes: int = 256 * MiB
     max_body_bytes: int = 2 * MiB  # JSON request bodies
     request_timeout: float = 600.0  # seconds from arrival to the last token
@@ -55,9 +82,11 @@ class Settings:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(device=self.device, dtype=self.dtype, max_batch_tokens=self.max_batch_tokens,
                             max_running=self.max_running, max_queue=self.max_queue,
-                            max_model_len=self.max_model_len, max_slots=self.max_slots, max_rank=self.max_rank,
-                            request_timeout_s=self.request_timeout, merge_single_adapter=self.merge,
-                            hang_timeout_s=self.hang_timeout)
+                            max_model_len=self.max_model_len, kv_cache_bytes=self.kv_cache_bytes,
+                            kv_block_size=self.kv_block_size, gpu_memory_utilization=self.gpu_memory_utilization,
+                            max_slots=self.max_slots, max_rank=self.max_rank, cpu_cache_bytes=self.cpu_cache_bytes,
+                            request_timeout_s=self.request_timeout, slot_wait_s=self.slot_wait,
+                            merge_single_adapter=self.merge, hang_timeout_s=self.hang_timeout)
 
 
 _HELP = {
@@ -74,6 +103,12 @@ _HELP = {
     "max_slots": "device adapter slots",
     "max_rank": "largest adapter rank accepted",
     "max_model_len": "prompt + max_tokens limit (capped by the base model)",
+    "kv_cache_bytes": "KV cache size in bytes; 0 = from free memory (CUDA: up to --gpu-memory-utilization of the "
+                      "device; CPU: 1/8 of available memory), never more than max-running full-length sequences",
+    "kv_block_size": "tokens per KV cache block",
+    "gpu_memory_utilization": "CUDA: share of device memory that weights, adapter slots and the KV cache may fill",
+    "cpu_cache_bytes": "bytes of adapters kept in host memory (the CPU tier); 0 = 1/8 of available memory",
+    "slot_wait": "seconds a request waits for a free adapter slot before 503",
     "max_upload_bytes": "adapter upload cap, enforced while streaming (413)",
     "max_body_bytes": "JSON request body cap (413)",
     "request_timeout": "seconds before a request fails with 504",
@@ -151,11 +186,16 @@ def settings_from(args: argparse.Namespace | None = None, env: dict[str, str] | 
 
 def check(s: Settings) -> None:
     problems = []
-    for name in ("port", "max_queue", "max_running", "max_batch_tokens", "max_slots", "max_rank", "max_model_len",
-                 "max_upload_bytes", "max_body_bytes"):
-        if getattr(s, name) < (0 if name == "port" else 1):
+    for name in ("max_queue", "max_running", "max_batch_tokens", "max_slots", "max_rank", "max_model_len",
+                 "max_upload_bytes", "max_body_bytes", "kv_block_size"):
+        if getattr(s, name) < 1:
             problems.append(f"{_flag(name)} must be positive, got {getattr(s, name)}")
-    for name in ("request_timeout", "drain_timeout", "hang_timeout", "stream_write_timeout"):
+    for name in ("port", "kv_cache_bytes", "cpu_cache_bytes"):  # 0: any free port / sized from the machine
+        if getattr(s, name) < 0:
+            problems.append(f"{_flag(name)} must be >= 0, got {getattr(s, name)}")
+    if not 0 < s.gpu_memory_utilization <= 1:
+        problems.append(f"--gpu-memory-utilization must be in (0, 1], got {s.gpu_memory_utilization}")
+    for name in ("request_timeout", "drain_timeout", "hang_timeout", "stream_write_timeout", "slot_wait"):
         if getattr(s, name) <= 0:
             problems.append(f"{_flag(name)} must be > 0 seconds, got {getattr(s, name)}")
     if s.rate_limit < 0 or s.rate_burst < 0:
@@ -166,4 +206,4 @@ def check(s: Settings) -> None:
         raise ValueError("; ".join(problems))
 
 
-__all__ = ["Settings", "add_arguments", "settings_from"]
+__all__ = ["EngineConfig", "Settings", "add_arguments", "settings_from"]

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from server.ops.buffers import ModuleSlots
-from server.ops.torch_cpu import route
-from server.plan import BatchPlan
+from server.lora.buffers import ModuleSlots
+from server.lora.ops.torch_cpu import route
+from server.lora.plan import BatchPlan
 
 try:
     import triton

@@ -14,13 +14,12 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
 from adapters_store.basemodels import BaseModel
-from server.classify import ClassifyStep
-from server.errors import (
+from server.common.config import EngineConfig
+from server.common.errors import (
     ContextLengthExceeded,
     DeadlineExceeded,
     InvalidParameter,
@@ -30,54 +29,36 @@ from server.errors import (
     Unavailable,
     UnknownAdapter,
 )
-from server.kvcache import NoKVCache, PagedKVCache
-from server.metrics import Metrics
-from server.pool import AdapterPool
-from server.requests import ClassifyJob, EventSink, GenerateEvent, GenerateParams, GenRequest, RequestHandle
-from server.residency import AdapterResidency, make_pool
-from server.runner import Chunk, ModelRunner
-from server.sampling import Detokenizer, OutputState, RowSampling, make_generator, sample
-from server.scheduler import Request, Scheduler
-
-__all__ = ["Engine", "EngineConfig", "GenerateEvent", "GenerateParams", "RequestHandle"]
+from server.common.machine import host_share_bytes
+from server.common.metrics import Metrics
+from server.engine.classify import ClassifyStep
+from server.engine.output import OutputState, eos_ids
+from server.engine.request import ClassifyJob, EventSink, GenerateParams, GenRequest, RequestHandle
+from server.engine.sampler import RowSampling, make_generator, sample
+from server.engine.scheduler import Request, Scheduler
+from server.engine.tokens import TokenState
+from server.lora.merge_policy import MergePolicy
+from server.lora.pool import AdapterPool, make_pool
+from server.lora.residency import AdapterResidency
+from server.model.kvcache import NoKVCache, PagedKVCache, kv_budget_bytes
+from server.model.runner import Chunk, ModelRunner
 
 log = logging.getLogger("rankserve.engine")
-MERGE_AFTER_STEPS = 3  # consecutive single-adapter steps before merge mode folds the adapter in
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
-    max_batch_tokens: int = 512  # tokens per step (decodes + prefill chunks)
-    max_running: int = 32
-    max_queue: int = 256
-    max_model_len: int = 2048  # prompt + max_tokens; capped by the base's max positions
-    kv_cache_bytes: int = 2 << 30
-    kv_block_size: int = 16
-    max_slots: int = 32  # device adapter slots
-    max_rank: int = 64
-    cpu_cache_bytes: int = 1 << 30
-    request_timeout_s: float = 600.0  # default deadline when the request sets none
-    slot_wait_s: float = 30.0  # longest wait for a free adapter slot before 503
-    hang_timeout_s: float = 120.0  # a step longer than this marks the engine unhealthy
-    merge_single_adapter: bool = False
-    async_adapter_loads: bool = True  # read adapters from the store on loader threads, not the engine thread
-    max_classify_rows: int = 64
-    seed: int = 0
-
-    def resolve(self) -> tuple[torch.device, torch.dtype]:
-        dev = self.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.dtype == "auto":
-            dt = torch.bfloat16 if dev == "cuda" else torch.float32
-        elif self.dtype in DTYPES:
-            dt = DTYPES[self.dtype]
-        else:
-            raise ValueError(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
-        return torch.device(dev), dt
+def resolve_device(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    """``auto`` device: CUDA when present; ``auto`` dtype: bfloat16 on CUDA, float32 on CPU."""
+    dev = cfg.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.dtype == "auto":
+        dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    elif cfg.dtype in DTYPES:
+        dt = DTYPES[cfg.dtype]
+    else:
+        raise ValueError(f"dtype {cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return torch.device(dev), dt
 
 
 class Engine:
@@ -87,26 +68,29 @@ class Engine:
         self.store = store
         self.config = cfg = config or EngineConfig()
         self.metrics = metrics
-        self.device, self.dtype = cfg.resolve()
+        self.device, self.dtype = resolve_device(cfg)
         base.model.to(device=self.device, dtype=self.dtype)
         self.tokenizer = base.tokenizer
         self.max_model_len = min(cfg.max_model_len, base.max_positions)
         self.pool = pool if pool is not None else make_pool(base, self.device, self.dtype, cfg.max_slots,
-                                                            cfg.max_rank, cfg.cpu_cache_bytes)
+                                                            cfg.max_rank, cfg.cpu_cache_bytes or host_share_bytes())
         self._wake = threading.Event()
         self.residency = AdapterResidency(self.pool, store, base, metrics, prefetch=cfg.async_adapter_loads,
                                           on_loaded=self._wake.set)
+        self.merging = MergePolicy(self.pool, cfg.merge_single_adapter)
         self.cache = self.runner = None
         kv: PagedKVCache | NoKVCache = NoKVCache()  # encoder bases generate nothing
-        if base.is_decoder:
-            self.cache = kv = PagedKVCache.for_model(base.model.config, cfg.kv_cache_bytes, cfg.kv_block_size,
+        if base.is_decoder:  # sized after the weights and adapter slots are in place
+            budget = cfg.kv_cache_bytes or kv_budget_bytes(self.device, cfg.gpu_memory_utilization)
+            self.cache = kv = PagedKVCache.for_model(base.model.config, budget, cfg.kv_block_size,
                                                      cfg.max_running, self.max_model_len, self.dtype, self.device)
             self.runner = ModelRunner(base.model, self.cache, self.pool.step)
         self.scheduler = Scheduler(self.residency, kv, cfg.max_batch_tokens, cfg.max_running, cfg.max_queue,
                                    cfg.slot_wait_s)
-        self.classifier = ClassifyStep(base.model, base.is_decoder, self.tokenizer, self.pool, self.residency,
-                                       self.max_model_len, cfg.max_classify_rows, cfg.slot_wait_s, self._unmerge)
-        self._eos = _eos_ids(base)
+        self.classifier = ClassifyStep(base.model, base.is_decoder, self.tokenizer, self.pool,
+                                       self.scheduler.admission, self.max_model_len, cfg.max_classify_rows,
+                                       before_run=self.merging.unmerge)
+        self._eos = eos_ids(base)
         self._eos_tensor = torch.tensor(sorted(self._eos), dtype=torch.long)
         self._gen = torch.Generator().manual_seed(cfg.seed)
         self._gen_lock = threading.Lock()
@@ -118,9 +102,6 @@ class Engine:
         self._draining = False
         self._error: BaseException | None = None
         self._busy_since: float | None = None
-        self._merged: str | None = None
-        self._last_single: str | None = None
-        self._single_steps = 0
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -171,7 +152,7 @@ class Engine:
         for req in list(self.scheduler.running) + self.scheduler.waiting():
             if not req.done:
                 req.done = True
-                req.handle.push(GenerateEvent("", [], "error", len(req.prompt_ids), len(req.out.token_ids), err))
+                req.handle.push(req.event(reason="error", error=err))
                 told += 1
         self.classifier.fail_all(err)
         return told
@@ -218,12 +199,11 @@ class Engine:
         now = time.monotonic()
         deadline = params.deadline if params.deadline is not None else now + self.config.request_timeout_s
         handle = RequestHandle(rid, EventSink.for_caller(), self.cancel)
-        req = GenRequest(request_id=rid, key=record.digest if record else None, prompt_ids=list(params.prompt_ids),
-                         max_tokens=params.max_tokens, arrival=now, deadline=deadline,
-                         adapter_id=params.adapter_id, handle=handle,
-                         out=OutputState(sp, Detokenizer(self.tokenizer, params.prompt_ids), self._eos),
-                         rows=RowSampling(sp, self._generator(sp.seed)),
-                         ids=list(params.prompt_ids))
+        tokens = TokenState(list(params.prompt_ids))
+        req = GenRequest(request_id=rid, key=record.digest if record else None, tokens=tokens,
+                         max_tokens=params.max_tokens, adapter_id=params.adapter_id, arrival=now, deadline=deadline,
+                         handle=handle, out=OutputState(sp, self.tokenizer, tokens, self._eos),
+                         rows=RowSampling(sp, self._generator(sp.seed), tokens))
         handle._req = req
         self.scheduler.add(req)
         if self.metrics is not None:
@@ -315,8 +295,8 @@ class Engine:
 
     def _step(self, chunks: list[tuple[Request, int]]) -> None:
         reqs: list[GenRequest] = [r for r, _ in chunks]  # type: ignore[misc]
-        self._maybe_merge()
-        run = [Chunk(r.seq, r.ids[r.num_computed:r.num_computed + n], r.num_computed, r.adapter_slot)
+        self.merging.before_step(r.key for r in self.scheduler.running)
+        run = [Chunk(r.seq, r.tokens.ids[r.num_computed:r.num_computed + n], r.num_computed, r.adapter_slot)
                for r, n in chunks]
         logits = self.runner.forward(run)  # type: ignore[union-attr]
         m = self.metrics
@@ -325,10 +305,11 @@ class Engine:
             m.batch_distinct_adapters.observe(len({r.key for r in reqs if r.key is not None}))
         ready: list[tuple[GenRequest, torch.Tensor]] = []
         for (r, n), lg in zip(chunks, logits, strict=True):
-            if r.num_computed < len(r.prompt_ids) and m is not None and not r.preemptions:
+            num_prompt = r.tokens.num_prompt
+            if r.num_computed < num_prompt and m is not None and not r.preemptions:
                 if r.num_computed == 0 and r.scheduled_at is not None:
                     m.queue_time.observe(r.scheduled_at - r.arrival)
-                m.prompt_tokens.inc(min(n, len(r.prompt_ids) - r.num_computed))
+                m.prompt_tokens.inc(min(n, num_prompt - r.num_computed))
             r.num_computed += n
             if r.num_computed == r.num_tokens:
                 ready.append((r, lg))  # type: ignore[arg-type]
@@ -337,38 +318,12 @@ class Engine:
         tokens = sample(torch.stack([lg for _, lg in ready]), [r.rows for r, _ in ready], self._eos_tensor)
         now = time.monotonic()
         for (r, _), tok in zip(ready, tokens, strict=True):
-            r.ids.append(tok)
-            r.num_tokens += 1
-            r.rows.num_generated += 1
-            delta, reason = r.out.append(tok)
+            delta, reason = r.out.append(tok)  # the one write of a generated id (into r.tokens)
             r.observe_token(now, m)
             if reason is not None:
                 self._finish(r, reason, None, delta, [tok])
             else:
-                r.handle.push(GenerateEvent(delta, [tok], None, len(r.prompt_ids), len(r.out.token_ids)))
-
-    def _maybe_merge(self) -> None:
-        """Merge mode: fold the one adapter into W0 while every running request uses it; restore the base
-        exactly (pool.unmerge) before any other batch."""
-        if not self.config.merge_single_adapter:
-            return
-        keys = {r.key for r in self.scheduler.running}
-        single = next(iter(keys)) if len(keys) == 1 else None
-        if self._merged != single:
-            self._unmerge()
-        # a merge costs a pass over the adapted weights: wait for a few single-adapter steps in a row so
-        # that traffic flickering between adapters does not merge and unmerge every step
-        self._single_steps = self._single_steps + 1 if single is not None and single == self._last_single else 0
-        self._last_single = single
-        if (single is not None and self._merged is None and self._single_steps >= MERGE_AFTER_STEPS
-                and self.pool.adapter(single).mergeable):
-            self.pool.merge(single)
-            self._merged = single
-
-    def _unmerge(self) -> None:
-        if self._merged is not None:
-            self.pool.unmerge()
-            self._merged = None
+                r.handle.push(r.event(delta, [tok]))
 
     def _reap(self) -> None:
         """Cancelled requests leave (within one step of cancel()); expired deadlines fail with 504."""
@@ -399,10 +354,9 @@ class Engine:
             if m is not None:
                 if reason == "abort" or isinstance(error, DeadlineExceeded):
                     m.cancelled.inc()
-                m.request_prompt_tokens.observe(len(req.prompt_ids))
-                m.request_generation_tokens.observe(len(req.out.token_ids))
-            req.handle.push(GenerateEvent(delta, token_ids or [], reason, len(req.prompt_ids),
-                                          len(req.out.token_ids), error))
+                m.request_prompt_tokens.observe(req.tokens.num_prompt)
+                m.request_generation_tokens.observe(req.tokens.num_generated)
+            req.handle.push(req.event(delta, token_ids, reason, error))
             self._gauges()
 
     def _fail_everything(self, err: ServingError) -> None:
@@ -421,16 +375,3 @@ class Engine:
             self.metrics.running.set(self.scheduler.num_running)
             self.metrics.waiting.set(self.num_waiting)
             self.residency.publish()
-
-
-def _eos_ids(base: BaseModel) -> frozenset[int]:
-    ids = set()
-    if base.tokenizer.eos_token_id is not None:
-        ids.add(int(base.tokenizer.eos_token_id))
-    gen_cfg = getattr(base.model, "generation_config", None)
-    extra = getattr(gen_cfg, "eos_token_id", None)
-    if isinstance(extra, int):
-        ids.add(extra)
-    elif isinstance(extra, list | tuple):
-        ids.update(int(i) for i in extra)
-    return frozenset(ids)

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from server.kvcache import PagedKVCache
+from server.model.attention import AttentionPlan
+from server.model.kvcache import PagedKVCache
 
 StepContext = Callable[[torch.Tensor], contextlib.AbstractContextManager]
 
@@ -82,7 +82,9 @@ class ModelRunner:
         ids_t, pos_t, seq_t, _ = host.to(dev, non_blocking=True)
         write_rows = self.cache.row_table[seq_t, pos_t]  # [T]
 
-        attn = _AttentionPlan(self, ordered, num_decode)
+        attn = AttentionPlan(self.cache.row_table, self.scaling,
+                             decodes=[(c.seq, c.start + 1) for c in ordered[:num_decode]],
+                             prefills=[(c.seq, c.start, len(c.tokens)) for c in ordered[num_decode:]])
         with self.step_context(host[3]):  # the pool plans from host slots: no device sync
             hidden = self._layers(ids_t, pos_t, write_rows, attn)  # [T, d], before the final norm
             bounds = [0]
@@ -102,7 +104,7 @@ class ModelRunner:
         m = self.model
         return m.lm_head(m.model.norm(hidden)).float()  # [N, V]
 
-    def _layers(self, ids: torch.Tensor, pos: torch.Tensor, write_rows: torch.Tensor, attn: _AttentionPlan) -> torch.Tensor:
+    def _layers(self, ids: torch.Tensor, pos: torch.Tensor, write_rows: torch.Tensor, attn: AttentionPlan) -> torch.Tensor:
         inner = self.model.model
         x = inner.embed_tokens(ids)  # [T, d]
         cos, sin = inner.rotary_emb(x, pos[None])  # each [1, T, head_dim]
@@ -122,70 +124,3 @@ class ModelRunner:
             x = x + sa.o_proj(o.reshape(T, self.num_heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x
-
-
-class _AttentionPlan:
-    """Index tensors for one step's attention, built once and shared by every layer."""
-
-    def __init__(self, runner: ModelRunner, ordered: list[Chunk], num_decode: int):
-        table = runner.cache.row_table
-        dev = table.device
-        self.scaling = runner.scaling
-        self.num_decode = num_decode
-        self.decode_rows = self.decode_mask = None
-        if num_decode:
-            dec = ordered[:num_decode]
-            lens = [c.start + 1 for c in dec]
-            lmax = max(lens)
-            seq_ids = torch.tensor([c.seq for c in dec], device=dev)
-            self.decode_rows = table[seq_ids, :lmax].contiguous()  # [B, Lmax]
-            lens_t = torch.tensor(lens, device=dev)
-            self.decode_mask = (torch.arange(lmax, device=dev)[None, :] < lens_t[:, None])[:, None, None, :]  # [B,1,1,Lmax]
-        # prefill chunks: (first flat row, n, cache rows [L], causal mask [n, L] with the cached prefix visible)
-        self.prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-        offset = num_decode
-        for c in ordered[num_decode:]:
-            n, total = len(c.tokens), c.start + len(c.tokens)
-            rows = table[c.seq, :total]
-            q_pos = torch.arange(c.start, total, device=dev)
-            mask = torch.arange(total, device=dev)[None, :] <= q_pos[:, None]  # [n, L]
-            self.prefills.append((offset, n, rows, mask))
-            offset += n
-
-    def run(self, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
-        """q [T, H, hd] (decodes first) -> attention output [T, H, hd]."""
-        out = torch.empty_like(q)
-        B = self.num_decode
-        if B:
-            shape = (*self.decode_rows.shape, *k_rows.shape[1:])  # [B, Lmax, kvH, hd]
-            # index_select on flat rows: several times faster than advanced indexing on CPU
-            k = k_rows.index_select(0, self.decode_rows.view(-1)).view(shape).transpose(1, 2).to(q.dtype)
-            v = v_rows.index_select(0, self.decode_rows.view(-1)).view(shape).transpose(1, 2).to(q.dtype)
-            o = F.scaled_dot_product_attention(q[:B, :, None, :], k, v, attn_mask=self.decode_mask,
-                                               scale=self.scaling, enable_gqa=True)  # [B, H, 1, hd]
-            out[:B] = o[:, :, 0, :]
-        for start, n, rows, mask in self.prefills:
-            k = k_rows.index_select(0, rows).transpose(0, 1).to(q.dtype)  # [kvH, L, hd]
-            v = v_rows.index_select(0, rows).transpose(0, 1).to(q.dtype)
-            qc = q[start:start + n].transpose(0, 1)  # [H, n, hd]
-            o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
-            out[start:start + n] = o.transpose(0, 1)
-        return out
-
-
-def pooled_hidden(model: nn.Module, is_decoder: bool, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  poolings: list[str]) -> torch.Tensor:
-    """Classification features: the HF backbone forward on a right-padded batch ``[B, L]`` -> ``[B, d]``.
-
-    Decoders use ``model.model`` (the final norm is applied inside), encoders the backbone itself. Pooling
-    per row: ``last`` real token, ``first`` token, or the masked ``mean``."""
-    backbone = model.model if is_decoder else model
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, d]
-    lengths = attention_mask.sum(dim=1)  # [B]
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    last = hidden[rows, lengths - 1]
-    first = hidden[:, 0]
-    m = attention_mask[:, :, None].to(hidden.dtype)
-    mean = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
-    pick = {"last": last, "first": first, "mean": mean}
-    return torch.stack([pick[p][b] for b, p in enumerate(poolings)])  # [B, d]

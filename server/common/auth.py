@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from server.errors import ServingError
+from server.common.errors import ServingError
 
 
 class AuthenticationFailed(ServingError):
