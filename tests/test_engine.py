@@ -337,6 +337,29 @@ def test_abort_storm_leaks_nothing(make_engine):
     assert eng.healthy and collect(eng.submit_generate(greedy([5], 2))).last.finish_reason == "length"
 
 
+def test_unset_sizes_come_from_the_machine(make_engine, monkeypatch):
+    from server.common.machine import available_host_bytes
+    from server.engine import core
+
+    eng = make_engine(max_model_len=64, max_running=4)  # kv_cache_bytes=0, cpu_cache_bytes=0: sized at start
+    assert eng.cache.num_blocks * eng.cache.block_size == 4 * 64  # plenty free: capped at max_running sequences
+    share = available_host_bytes() / 8
+    assert 0.5 * share < eng.pool.cpu_bytes < 1.5 * share  # 1/8 of available memory (it moves a little)
+    per_token = 2 * 2 * 2 * 16 * 4  # tiny-llama: layers x (k, v) x kv heads x head dim x fp32
+    seen = []
+    monkeypatch.setattr(core, "kv_budget_bytes", lambda device, util: seen.append((device.type, util)) or 80 * per_token)
+    eng = make_engine(max_model_len=64, gpu_memory_utilization=0.7)
+    assert seen == [("cpu", 0.7)] and eng.cache.num_blocks * eng.cache.block_size == 80
+
+
+def test_kv_budget_on_cpu_is_a_share_of_available_memory():
+    from server.common.machine import available_host_bytes
+    from server.model.kvcache import kv_budget_bytes
+
+    got, share = kv_budget_bytes(torch.device("cpu"), 0.9), available_host_bytes() / 8
+    assert 0.5 * share < got < 1.5 * share
+
+
 def test_preemption_under_a_small_cache_is_invisible_to_clients(make_engine):
     per_token = 2 * 2 * 2 * 16 * 4  # tiny-llama: layers x (k, v) x kv heads x head dim x fp32
     eng = make_engine(max_model_len=64, kv_cache_bytes=80 * per_token, kv_block_size=8)

@@ -12,7 +12,8 @@ from server.common.config import Settings, settings_from
 BRIEF_FLAGS = ["--model", "--served-model-name", "--store", "--host", "--port", "--api-key", "--admin-key", "--device",
                "--dtype", "--max-queue", "--max-running", "--max-batch-tokens", "--max-slots", "--max-rank",
                "--max-upload-bytes", "--max-body-bytes", "--request-timeout", "--drain-timeout", "--rate-limit",
-               "--merge", "--demo-adapters", "--log-level"]
+               "--merge", "--demo-adapters", "--log-level", "--kv-cache-bytes", "--kv-block-size",
+               "--gpu-memory-utilization", "--cpu-cache-bytes", "--slot-wait"]
 
 
 def parse(*argv: str, env: dict | None = None) -> Settings:
@@ -50,12 +51,25 @@ def test_env_fills_in_and_flags_win():
     (["--max-queue", "0"], {}, "--max-queue"),
     (["--request-timeout", "-1"], {}, "--request-timeout"),
     (["--log-level", "loud"], {}, "--log-level"),
+    (["--kv-block-size", "0"], {}, "--kv-block-size"),
+    (["--kv-cache-bytes", "-1"], {}, "--kv-cache-bytes"),
+    (["--gpu-memory-utilization", "1.5"], {}, "--gpu-memory-utilization"),
+    (["--slot-wait", "0"], {}, "--slot-wait"),
     ([], {"RANKSERVE_PORT": "eighty"}, "RANKSERVE_PORT"),
     ([], {"RANKSERVE_DEMO_ADAPTERS": "maybe"}, "RANKSERVE_DEMO_ADAPTERS"),
 ])
 def test_bad_values_name_the_setting(argv, env, needle):
     with pytest.raises(ValueError, match=needle):
         parse(*argv, env=env)
+
+
+def test_engine_sizes_reach_the_engine_config_from_flags_and_env():
+    env = {"RANKSERVE_KV_CACHE_BYTES": "1048576", "RANKSERVE_CPU_CACHE_BYTES": "4096", "RANKSERVE_SLOT_WAIT": "2.5"}
+    e = parse("--kv-block-size", "32", "--gpu-memory-utilization", "0.5", env=env).engine_config()
+    assert (e.kv_cache_bytes, e.cpu_cache_bytes, e.slot_wait_s, e.kv_block_size, e.gpu_memory_utilization) == (
+        1 << 20, 4096, 2.5, 32, 0.5)
+    d = parse().engine_config()
+    assert d.kv_cache_bytes == 0 and d.cpu_cache_bytes == 0  # sized from the machine at start-up
 
 
 def test_bad_flag_exits_with_usage_error(capsys):
