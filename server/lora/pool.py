@@ -9,7 +9,8 @@ module (MoR: N*r rows) and spills into larger buckets when those are full. ``acq
 (unpinned) adapters are evicted, least recently used first; ``PoolExhausted`` when every fitting slot
 is pinned. The device tier is called "gpu" in the stats even on CPU, so metric names stay stable.
 
-Thread-safety: the engine thread is the only caller; a lock guards the state anyway.
+Thread-safety: the engine thread acquires, releases, plans and merges; the residency's loader threads
+``put_cpu``; submit (on the event loop) reads ``cached`` without the lock. A lock guards the rest.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Adapter residency for the scheduler: store -> pool (CPU LRU -> device slot), pinned while in use.
+"""Adapter residency for admission (``server.engine.admission``): store -> pool (CPU LRU -> device slot), pinned while in use.
 
 The request captured its adapter's digest (the version) at submit; the loader given to the pool loads
 exactly that version or fails with 404 when the adapter was deleted or replaced meanwhile, so no request
@@ -7,7 +7,7 @@ submit instead of queueing for a load that cannot succeed.
 
 Loads from the store run on loader threads, not on the engine thread (as S-LoRA and LoRAX do): at submit,
 ``prefetch`` starts reading and validating a version that is neither resident nor in the CPU tier; while
-that runs, ``acquire`` answers AdapterBusy, so the request keeps its place and everything else keeps
+that runs, ``acquire`` answers ``AdapterLoading`` (an ``AdapterBusy``), so the request keeps its place and everything else keeps
 stepping; the finished load lands in the CPU tier and wakes the engine, whose acquire then only copies it
 into a slot. A load that fails on a loader thread is retried once on the engine thread, which owns the
 one failure path (the 424 and the remembered failure). ``prefetch=False`` loads on the engine thread.
