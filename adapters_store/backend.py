@@ -10,7 +10,10 @@ An upload streams into ``tmp/<random>.d/``, is fsynced, gets its record.json bes
 published by ONE ``rename`` of that directory to ``adapters/<id>``: file and record appear together or
 not at all, and rename refuses a non-empty target, so of two concurrent publishes of one id (threads or
 processes) exactly one wins. Removal renames the directory out of ``adapters/`` first, so the id is
-free at once and open readers keep their bytes. A writer holds an flock on its staging file, so
+free at once and open readers keep their bytes, then fsyncs ``adapters/`` so a deleted adapter never
+comes back after a crash. Removals hold an flock on ``adapters/`` itself: while one holds it no other
+removal can free the id, and no publish can take an occupied id, so what a removal checks is what it
+removes. A writer holds an flock on its staging file, so
 ``recover`` (at start-up, possibly while another process writes) removes only what dead writers left.
 An object store would implement the same protocol (stage = multipart upload, publish = conditional put).
 """
@@ -26,7 +29,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -57,7 +60,9 @@ class Backend(Protocol):
     def read(self, adapter_id: str) -> bytes: ...  # FileNotFoundError when absent
     def read_record(self, adapter_id: str) -> bytes | None: ...
     def write_record(self, adapter_id: str, record: bytes) -> None: ...
-    def remove(self, adapter_id: str) -> None: ...  # FileNotFoundError when absent
+    def remove(self, adapter_id: str, check: Callable[[], None] | None = None) -> None:
+        """FileNotFoundError when absent. ``check`` runs after the id is found and before it is removed, in
+        one atomic step with the removal; it may raise to refuse, and then nothing is removed."""
     def ids(self) -> list[str]: ...
     def listing_token(self) -> str | None:
         """Equal tokens guarantee ids() is unchanged (None: unknown, rescan)."""
@@ -168,11 +173,22 @@ class LocalDirBackend:
         _write_new(tmp, record)
         os.replace(tmp, self.adapters / adapter_id / RECORD)
 
-    def remove(self, adapter_id: str) -> None:
-        if self.version(adapter_id) is None:
-            raise FileNotFoundError(adapter_id)
+    def remove(self, adapter_id: str, check: Callable[[], None] | None = None) -> None:
         gone = self.tmp / f"{uuid.uuid4().hex}.deleted"
-        os.rename(self.adapters / adapter_id, gone)  # the id is free from here on
+        fd = os.open(self.adapters, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # removals one at a time, across threads and processes
+            if self.version(adapter_id) is None:
+                raise FileNotFoundError(adapter_id)
+            if check is not None:
+                check()
+            os.rename(self.adapters / adapter_id, gone)  # the id is free from here on
+            try:
+                os.fsync(fd)  # ...and stays free after a crash
+            except OSError as e:  # the removal stands either way; say that it may not survive a crash
+                log.warning("fsync of %s failed after removing %r: %s", self.adapters, adapter_id, e)
+        finally:
+            os.close(fd)  # releases the flock
         shutil.rmtree(gone, ignore_errors=True)
 
     def ids(self) -> list[str]:

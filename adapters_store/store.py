@@ -187,17 +187,29 @@ class AdapterStore:
             raise _invalid(e) from None
         return self.put(adapter_id, adapter.to_bytes(), owner=owner, base=base)
 
-    def delete(self, adapter_id: str) -> None:
-        """Later gets raise AdapterNotFound; a reader already holding the bytes or object is unaffected."""
+    def delete(self, adapter_id: str, expect: AdapterRecord | None = None) -> None:
+        """Later gets raise AdapterNotFound; a reader already holding the bytes or object is unaffected.
+
+        With ``expect`` (the record a caller checked permissions on), only that version is removed: when
+        the adapter now under the id has another digest or owner (deleted and re-uploaded meanwhile), the
+        answer is AdapterNotFound, as if absent. The comparison and the removal are one atomic step."""
         check_id(adapter_id)
+        missing = AdapterNotFound(f"adapter {adapter_id!r} does not exist")
+
+        def same_version() -> None:
+            now = self._cached(adapter_id)
+            if expect is not None and (now is None or (now.digest, now.owner) != (expect.digest, expect.owner)):
+                raise missing
+
         try:
-            self.backend.remove(adapter_id)
+            self.backend.remove(adapter_id, same_version)
         except FileNotFoundError:
-            raise AdapterNotFound(f"adapter {adapter_id!r} does not exist") from None
+            raise missing from None
         finally:
-            with self._lock:
-                self._index.pop(adapter_id, None)
-                self.broken.pop(adapter_id, None)
+            if adapter_id not in self:  # removed now or earlier; a refused delete keeps the index entry
+                with self._lock:
+                    self._index.pop(adapter_id, None)
+                    self.broken.pop(adapter_id, None)
 
     # ---- reads ------------------------------------------------------------------------------------
     def get(self, adapter_id: str) -> AdapterRecord:

@@ -158,7 +158,7 @@ async def delete_adapter(adapter_id: str, request: Request, principal: Principal
         if principal.tenant is not None and record.owner != principal.tenant:
             raise PermissionDenied(f"adapter {adapter_id!r} is public; only a global admin key deletes it")
         rt = state.require()
-        rt.store.delete(adapter_id)
+        rt.store.delete(adapter_id, expect=record)  # only the version checked above (else 404)
         rt.engine.forget_adapter(record.digest)  # running requests keep their pinned version
 
     await run_in_threadpool(delete)
