@@ -9,7 +9,8 @@ Supported (METHODS.md sections 1, 2, 3, 6, 8), per module with the scale s folde
                     (PEFT's ``ranknum`` is never saved and always init_r); rank-0 modules are omitted
 
 ``rank_pattern``/``alpha_pattern`` keys match a module name as PEFT matches them: the regex suffix
-``(.*\\.)?{key}$``, first matching key wins. ``fan_in_fan_out`` describes the *base* weight's layout
+``(.*\\.)?{key}$``, first matching key wins; keys that could backtrack catastrophically are refused
+(peft_patterns.py). ``fan_in_fan_out`` describes the *base* weight's layout
 (GPT-2 Conv1D); PEFT stores lora_A/lora_B in nn.Linear orientation either way and forces the flag off for
 nn.Linear targets, and every target of a rankserve base is an nn.Linear, so the factors are read as-is.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from safetensors.torch import load
 
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, AdapterMeta, CompiledAdapter, ModuleWeights, read_header
+from adapters_store.peft_patterns import MAX_KEYS, key_problems, pattern_value, work_problems
 from adapters_store.validate import REFUSED_SUFFIXES, Limits, PickleRefused, looks_pickled, validate
 
 CONFIG = "adapter_config.json"
@@ -109,14 +110,6 @@ def _parse_config(data: bytes) -> dict:
     return cfg
 
 
-def pattern_value(patterns: dict, module_name: str, default):
-    """PEFT's get_pattern_key: the first key matching ``(.*\\.)?{key}$`` against the module name."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
-
-
 def _int_field(cfg: dict, name: str, lo: int, hi: int, problems: list[str]) -> int:
     v = cfg.get(name)
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -149,11 +142,10 @@ def _check_config(cfg: dict, base: BaseModel, limits: Limits, problems: list[str
         if not isinstance(pats, dict):
             problems.append(f"{CONFIG} field {name!r} must be a JSON object")
             continue
+        problems.extend(key_problems(name, pats))
+        if len(pats) > MAX_KEYS:
+            continue
         for key, v in pats.items():
-            try:
-                re.compile(key)
-            except re.error as e:
-                problems.append(f"{CONFIG} field {name!r} key {key!r} is not a valid regex: {e}")
             if kind == "LORA" and name == "rank_pattern" and (not isinstance(v, int) or not 1 <= v <= limits.max_rank):
                 problems.append(f"{CONFIG} field 'rank_pattern'[{key!r}] is {v!r}, expected an integer in "
                                 f"[1, {limits.max_rank}] (max_rank)")
@@ -348,6 +340,10 @@ def convert_peft(source: str | Path | dict[str, bytes], base: BaseModel, limits:
     stray = sorted(k for k in others if not any(k.startswith(f"{s}.") or f".{s}." in k for s in saved))
     if stray:
         problems.append(f"tensors not part of a PEFT LoRA/AdaLoRA adapter: {stray[:5]}")
+    if kind == "LORA":  # AdaLoRA's rank_pattern is a record of masks, never matched
+        problems.extend(work_problems(cfg, [n for n in groups if _base_path(n, base) is not None]))
+    if problems:  # before any key is matched against a name
+        raise AdapterFormatError(problems)
     params = dict(base.model.named_parameters())
     modules: dict[str, ModuleWeights] = {}
     for name, parts in sorted(groups.items()):
