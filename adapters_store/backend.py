@@ -6,16 +6,19 @@ Layout of ``LocalDirBackend``::
     root/adapters/<id>/record.json           the store's record (owner included), published with the file
     root/tmp/<random>.d/                     uploads being streamed, and deletions being cleaned up
 
-An upload streams into ``tmp/<random>.d/``, is fsynced, gets its record.json beside it, and is
-published by ONE ``rename`` of that directory to ``adapters/<id>``: file and record appear together or
+An upload streams into ``tmp/<random>.d/`` (the HTTP server spools multipart file parts there directly,
+so they are on the store's file system and never copied), is fsynced and hashed, is validated from that
+file, gets its record.json beside it, and is published by ONE ``rename`` of that directory to
+``adapters/<id>``: file and record appear together or
 not at all, and rename refuses a non-empty target, so of two concurrent publishes of one id (threads or
 processes) exactly one wins. Removal renames the directory out of ``adapters/`` first, so the id is
 free at once and open readers keep their bytes, then fsyncs ``adapters/`` so a deleted adapter never
 comes back after a crash. Removals hold an flock on ``adapters/`` itself: while one holds it no other
 removal can free the id, and no publish can take an occupied id, so what a removal checks is what it
-removes. A writer holds an flock on its staging file, so
-``recover`` (at start-up, possibly while another process writes) removes only what dead writers left.
-An object store would implement the same protocol (stage = multipart upload, publish = conditional put).
+removes. A writer holds an flock on its staging file, so ``recover`` (at start-up, possibly while another
+process writes) removes only what dead writers left. Staged files are local files (``Staged.path``), so
+validation reads them in place; an object store would implement the same protocol with a local staging
+directory (publish = upload, then a conditional put).
 """
 
 from __future__ import annotations
@@ -40,19 +43,28 @@ FILE, RECORD = "adapter.safetensors", "record.json"
 
 @dataclass
 class Staged:
-    """An upload written to private storage, not yet visible."""
+    """An upload being written to private storage, not yet visible."""
 
     work: Path  # the staging directory
-    size: int
-    digest: str  # sha256 hex, computed while streaming
-    fd: int = field(repr=False)  # held open with an flock until published or discarded
+    fd: int = field(repr=False)  # write end, held open with an flock until published or discarded (-1 after)
+    size: int = 0
+    digest: str = ""  # sha256 hex of the file, set by seal()
+    published: bool = False
+
+    @property
+    def path(self) -> Path:
+        return self.work / FILE
 
 
 class Backend(Protocol):
+    def open_stage(self) -> Staged:
+        """An empty private file to write an upload into (append, then seal)."""
+    def append(self, staged: Staged, chunks: Iterable[bytes]) -> None: ...
+    def seal(self, staged: Staged) -> None:
+        """Make the staged bytes durable and set ``digest`` (of what is on disk, however it was written)."""
     def stage(self, chunks: Iterable[bytes]) -> Staged:
-        """Write chunks privately; on any error (the iterator's included) leave nothing and re-raise."""
-    def read_staged(self, staged: Staged) -> bytes: ...
-    def discard(self, staged: Staged) -> None: ...
+        """open_stage + append + seal; on any error (the iterator's included) leave nothing and re-raise."""
+    def discard(self, staged: Staged) -> None: ...  # idempotent; a no-op once published
     def publish(self, staged: Staged, adapter_id: str, record: bytes) -> str | None:
         """Make file + record visible at once; FileExistsError if the id is taken. Returns the version."""
     def version(self, adapter_id: str) -> str | None:
@@ -83,6 +95,15 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(1 << 20)
+        while n := f.readinto(buf):
+            digest.update(memoryview(buf)[:n])
+    return digest.hexdigest()
+
+
 def _write_new(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
@@ -99,34 +120,50 @@ class LocalDirBackend:
         self.adapters.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
 
-    def stage(self, chunks: Iterable[bytes]) -> Staged:
+    def open_stage(self) -> Staged:
         work = self.tmp / f"{uuid.uuid4().hex}.d"
         work.mkdir()
-        fd = os.open(work / FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # tells recover() in any process that this writer is alive
-        staged = Staged(work, 0, "", fd)
-        digest = hashlib.sha256()
         try:
-            for chunk in chunks:
-                digest.update(chunk)
-                _write_all(fd, chunk)
-                staged.size += len(chunk)
-            os.fsync(fd)
+            fd = os.open(work / FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        fcntl.flock(fd, fcntl.LOCK_EX)  # tells recover() in any process that this writer is alive
+        return Staged(work, fd)
+
+    def append(self, staged: Staged, chunks: Iterable[bytes]) -> None:
+        for chunk in chunks:
+            _write_all(staged.fd, chunk)
+            staged.size += len(chunk)
+
+    def seal(self, staged: Staged) -> None:
+        os.fsync(staged.fd)
+        staged.size = os.fstat(staged.fd).st_size
+        staged.digest = _sha256_file(staged.path)  # streamed, from the page cache the writes just filled
+
+    def stage(self, chunks: Iterable[bytes]) -> Staged:
+        staged = self.open_stage()
+        try:
+            self.append(staged, chunks)
+            self.seal(staged)
         except BaseException:
             self.discard(staged)
             raise
-        staged.digest = digest.hexdigest()
         return staged
 
-    def read_staged(self, staged: Staged) -> bytes:
-        return (staged.work / FILE).read_bytes()
-
     def discard(self, staged: Staged) -> None:
-        try:
-            os.close(staged.fd)
-        except OSError:
-            pass
-        shutil.rmtree(staged.work, ignore_errors=True)
+        self._close(staged)
+        if not staged.published:
+            shutil.rmtree(staged.work, ignore_errors=True)
+
+    @staticmethod
+    def _close(staged: Staged) -> None:
+        fd, staged.fd = staged.fd, -1  # never closed twice: the number may belong to another file by then
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def publish(self, staged: Staged, adapter_id: str, record: bytes) -> str | None:
         _write_new(staged.work / RECORD, record)
@@ -137,7 +174,8 @@ class LocalDirBackend:
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
                 raise FileExistsError(adapter_id) from None
             raise
-        os.close(staged.fd)
+        staged.published = True
+        self._close(staged)
         try:
             _fsync_dir(self.adapters)  # durability of the rename; the adapter is already visible
         except OSError as e:

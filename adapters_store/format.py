@@ -17,12 +17,14 @@ Metadata (``__metadata__``, strings only) is :class:`AdapterMeta`. The forward s
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load, save
+from safetensors.torch import load_file as _map_file
 
 FORMAT_VERSION = "1"
 METHODS = ("lora", "dora", "adalora", "aroma", "mor", "edora")
@@ -230,18 +232,40 @@ def from_state_dict(sd: dict[str, torch.Tensor], meta: AdapterMeta) -> CompiledA
     return CompiledAdapter(meta=meta, modules=built, head_weight=head.get("head.weight"), head_bias=head.get("head.bias"))
 
 
-def read_header(data: bytes, max_header_bytes: int = 16 << 20) -> tuple[dict, dict[str, str]]:
-    """Parse a safetensors header without trusting it: lengths, offsets and coverage are checked
-    before any tensor is allocated (RELIABILITY.md row 4). Returns (tensor entries, metadata)."""
-    if len(data) < 8:
-        raise AdapterFormatError(f"file is {len(data)} bytes: too short for a safetensors header")
-    n = int.from_bytes(data[:8], "little")
+def read_header(source: bytes | str | Path, max_header_bytes: int = 16 << 20) -> tuple[dict, dict[str, str]]:
+    """Parse a safetensors header (of bytes, or of a file: only its header is read) without trusting it:
+    lengths, offsets and coverage are checked before any tensor is allocated (RELIABILITY.md row 4).
+    Returns (tensor entries, metadata)."""
+    if isinstance(source, bytes):
+        n = _header_length(source[:8], len(source), max_header_bytes)
+        return _parse_header(source[8 : 8 + n], len(source) - 8 - n)
+    with open(source, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = _header_length(f.read(8), size, max_header_bytes)
+        return _parse_header(f.read(n), size - 8 - n)
+
+
+def load_tensors(source: bytes | str | Path) -> dict[str, torch.Tensor]:
+    """safetensors' load, after read_header passed: bytes are copied into tensors, a file is mapped
+    copy-on-write (its pages are read when first touched), so a file costs its size once, not twice."""
+    return load(source) if isinstance(source, bytes) else _map_file(source)
+
+
+def _header_length(first8: bytes, size: int, max_header_bytes: int) -> int:
+    if size < 8:
+        raise AdapterFormatError(f"file is {size} bytes: too short for a safetensors header")
+    n = int.from_bytes(first8, "little")
     if n > max_header_bytes:
         raise AdapterFormatError(f"declared header length {n} exceeds the cap of {max_header_bytes} bytes")
-    if 8 + n > len(data):
-        raise AdapterFormatError(f"declared header length {n} is larger than the file ({len(data)} bytes)")
+    if 8 + n > size:
+        raise AdapterFormatError(f"declared header length {n} is larger than the file ({size} bytes)")
+    return n
+
+
+def _parse_header(raw: bytes, body: int) -> tuple[dict, dict[str, str]]:
+    """The header JSON of a file whose tensor data is ``body`` bytes long."""
     try:
-        header = json.loads(data[8 : 8 + n])
+        header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterFormatError(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
@@ -249,7 +273,6 @@ def read_header(data: bytes, max_header_bytes: int = 16 << 20) -> tuple[dict, di
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise AdapterFormatError("__metadata__ must map strings to strings")
-    body = len(data) - 8 - n
     spans = []
     problems = []
     for name, entry in header.items():

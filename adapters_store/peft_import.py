@@ -25,12 +25,25 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load
 
 from adapters_store.basemodels import BaseModel
-from adapters_store.format import AdapterFormatError, AdapterMeta, CompiledAdapter, ModuleWeights, read_header
+from adapters_store.format import (
+    AdapterFormatError,
+    AdapterMeta,
+    CompiledAdapter,
+    ModuleWeights,
+    load_tensors,
+    read_header,
+)
 from adapters_store.peft_patterns import MAX_KEYS, key_problems, pattern_value, work_problems
-from adapters_store.validate import REFUSED_SUFFIXES, Limits, PickleRefused, looks_pickled, validate
+from adapters_store.validate import (
+    REFUSED_SUFFIXES,
+    Limits,
+    PickleRefused,
+    count_nonfinite,
+    looks_pickled,
+    validate,
+)
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -59,8 +72,9 @@ HEAD_NAMES = {"score", "classifier"}  # what PEFT's SEQ_CLS task puts into modul
 __all__ = ["PickleRefused", "convert_peft", "import_peft", "pattern_value"]
 
 
-def _read_source(source: str | Path | dict[str, bytes], limits: Limits) -> tuple[bytes, bytes]:
-    """(config bytes, weights bytes) from a directory or an upload; only those two files are ever read."""
+def _read_source(source: str | Path | dict[str, bytes | Path], limits: Limits) -> tuple[bytes, bytes | Path]:
+    """(config bytes, weights) from a directory or an upload ({file name: bytes, or the path of a spooled
+    file}); only those two files are ever read, and weights that are a file stay one (mapped, not copied)."""
     if isinstance(source, dict):
         names = {Path(n).name: n for n in source}
         pickles = sorted(n for n in names if n.lower().endswith(REFUSED_SUFFIXES))
@@ -81,23 +95,19 @@ def _read_source(source: str | Path | dict[str, bytes], limits: Limits) -> tuple
             if pickles:
                 raise PickleRefused(f"{d} holds only pickle weights {pickles}; they are refused, never opened "
                                     f"(save with safe_serialization=True to get {WEIGHTS})")
-        files = {}
-        for name, cap in ((CONFIG, MAX_CONFIG_BYTES), (WEIGHTS, limits.max_file_bytes)):
-            if name in present:
-                size = (d / name).stat().st_size
-                if size > cap:  # before reading a byte
-                    raise AdapterFormatError(f"{name} is {size} bytes, over the cap of {cap} bytes")
-                files[name] = (d / name).read_bytes()
+        files = {n: d / n for n in (CONFIG, WEIGHTS) if n in present}
     missing = [n for n in (CONFIG, WEIGHTS) if n not in files]
     if missing:
         raise AdapterFormatError(f"{' and '.join(missing)} missing: a PEFT adapter is {CONFIG} + {WEIGHTS}")
+    for name, cap in ((CONFIG, MAX_CONFIG_BYTES), (WEIGHTS, limits.max_file_bytes)):
+        f = files[name]
+        size = f.stat().st_size if isinstance(f, Path) else len(f)
+        if size > cap:  # before reading a byte
+            raise AdapterFormatError(f"{name} is {size} bytes, over the cap of {cap} bytes")
     config, weights = files[CONFIG], files[WEIGHTS]
-    for name, data, cap in ((CONFIG, config, MAX_CONFIG_BYTES), (WEIGHTS, weights, limits.max_file_bytes)):
-        if len(data) > cap:
-            raise AdapterFormatError(f"{name} is {len(data)} bytes, over the cap of {cap} bytes")
     if looks_pickled(weights):
         raise PickleRefused(f"{WEIGHTS} holds a pickle/zip payload, not safetensors; refused, never opened")
-    return config, weights
+    return config if isinstance(config, bytes) else config.read_bytes(), weights
 
 
 def _parse_config(data: bytes) -> dict:
@@ -300,7 +310,7 @@ def _head(others: dict[str, torch.Tensor], cfg: dict, base: BaseModel, labels: l
     return w, bias
 
 
-def import_peft(source: str | Path | dict[str, bytes], base: BaseModel, limits: Limits | None = None,
+def import_peft(source: str | Path | dict[str, bytes | Path], base: BaseModel, limits: Limits | None = None,
                 labels: list[str] | None = None) -> CompiledAdapter:
     """Convert a PEFT adapter (a directory, or {filename: bytes}) into a validated CompiledAdapter for
     ``base``. ``labels`` names the classes of a mapped ``score`` head (default LABEL_0, LABEL_1, ...)."""
@@ -310,16 +320,16 @@ def import_peft(source: str | Path | dict[str, bytes], base: BaseModel, limits: 
     return adapter
 
 
-def convert_peft(source: str | Path | dict[str, bytes], base: BaseModel, limits: Limits,
+def convert_peft(source: str | Path | dict[str, bytes | Path], base: BaseModel, limits: Limits,
                  labels: list[str] | None = None) -> CompiledAdapter:
     """The conversion alone, without the final check of the result against the base's tasks and caps."""
     config_bytes, weights = _read_source(source, limits)
     cfg = _parse_config(config_bytes)
     problems: list[str] = []
     kind = _check_config(cfg, base, limits, problems)
-    try:
-        read_header(weights, limits.max_header_bytes)  # container checks before safetensors allocates
-        sd = load(weights)
+    try:  # container checks before safetensors allocates; a file is mapped in place, not copied
+        read_header(weights, limits.max_header_bytes)
+        sd = load_tensors(weights)
     except AdapterFormatError as e:
         raise AdapterFormatError(problems + [f"{WEIGHTS}: {p}" for p in e.problems]) from None
     except Exception as e:  # safetensors raises its own error types
@@ -330,7 +340,7 @@ def convert_peft(source: str | Path | dict[str, bytes], base: BaseModel, limits:
         dtype = str(t.dtype).removeprefix("torch.")
         if dtype not in limits.allowed_dtypes:
             problems.append(f"tensor {key!r}: dtype {dtype} is not allowed (allowed: {', '.join(limits.allowed_dtypes)})")
-        elif not bool(torch.isfinite(t).all()):
+        elif count_nonfinite(t):
             problems.append(f"tensor {key!r}: holds NaN or Inf values")
     groups, others = _split_keys(sd, problems)
     head = _head(others, cfg, base, labels, problems)

@@ -1,8 +1,10 @@
 """The adapter store: put/get/list/delete of compiled adapters by id, atomic on disk, indexed by sidecars.
 
 Request flow of an upload (DESIGN.md section 5): id allowlist -> stream to private storage with the size
-cap enforced per chunk -> validate (format, base fit, finite) -> publish file and record together ->
-index. Storage sits behind ``backend.Backend`` (a local directory now; see backend.py for the on-disk
+cap enforced per chunk (``put_stream``; or the caller spools into the store's staging area itself:
+``spool``/``write_spool``/``put_staged``) -> fsync and hash -> validate the staged file in place (format,
+base fit, finite; the tensors map the file, so an N-byte upload costs about N of memory) -> publish file
+and record together by one rename -> index. Storage sits behind ``backend.Backend`` (a local directory now; see backend.py for the on-disk
 protocol and why concurrent puts of one id leave exactly one winner).
 
 Start-up reads each adapter's small record.json, never a tensor; only an adapter without a readable
@@ -22,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from adapters_store.backend import Backend, LocalDirBackend
+from adapters_store.backend import Backend, LocalDirBackend, Staged
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, AdapterMeta, CompiledAdapter, read_header
 from adapters_store.validate import Limits, validate_bytes
@@ -131,21 +133,47 @@ class AdapterStore:
                    base: BaseModel | None = None) -> AdapterRecord:
         """Stream to private storage (cap per chunk), validate (against ``base`` when given), publish.
         On any failure, the iterator's own included (a client disconnect), nothing is left behind."""
-        check_id(adapter_id)
-        if self.backend.version(adapter_id) is not None:  # early 409; publish is the real check
-            raise AdapterExists(f"adapter {adapter_id!r} already exists; delete it first")
+        self._check_new(adapter_id)
         try:
             staged = self.backend.stage(self._capped(chunks))
         except OSError as e:
             raise self._disk_error(e) from None
+        return self.put_staged(adapter_id, staged, owner=owner, base=base)
+
+    def spool(self) -> Staged:
+        """A private file on the store's file system for an upload in progress (the HTTP server's multipart
+        parts): fill it with write_spool, then put_staged publishes it by rename, or discard drops it."""
         try:
-            data = self.backend.read_staged(staged)
+            return self.backend.open_stage()
+        except OSError as e:
+            raise self._disk_error(e) from None
+
+    def write_spool(self, staged: Staged, chunks: Iterable[bytes]) -> None:
+        try:
+            self.backend.append(staged, chunks)
+        except OSError as e:
+            raise self._disk_error(e) from None
+
+    def discard(self, staged: Staged) -> None:
+        """Drop a spool; a no-op once it was published or discarded."""
+        self.backend.discard(staged)
+
+    def put_staged(self, adapter_id: str, staged: Staged, owner: str | None = None,
+                   base: BaseModel | None = None) -> AdapterRecord:
+        """Seal (fsync, hash), validate in place (the file is mapped, never copied) and publish a spooled
+        upload by renaming it into place. The spool is consumed: published, or discarded on any failure."""
+        try:
+            self._check_new(adapter_id)
+            self.backend.seal(staged)
+            if staged.size > self.limits.max_file_bytes:
+                raise AdapterTooLarge(f"adapter of {staged.size} bytes exceeds the cap of {self.limits.max_file_bytes}")
             try:
-                adapter = validate_bytes(data, base, self.limits)
+                adapter = validate_bytes(staged.path, base, self.limits)
             except AdapterFormatError as e:
                 raise _invalid(e) from None
             ranks = {p: mw.rank for p, mw in adapter.modules.items()}
             record = AdapterRecord.build(adapter_id, staged.digest, staged.size, adapter.meta, ranks, owner)
+            del adapter  # its tensors map the staged file: let that memory go before publishing
             version = self.backend.publish(staged, adapter_id, json.dumps(record.to_dict()).encode())
         except FileExistsError:
             self.backend.discard(staged)
@@ -161,6 +189,11 @@ class AdapterStore:
             self.broken.pop(adapter_id, None)
         return record
 
+    def _check_new(self, adapter_id: str) -> None:
+        check_id(adapter_id)
+        if self.backend.version(adapter_id) is not None:  # early 409; publish is the real check
+            raise AdapterExists(f"adapter {adapter_id!r} already exists; delete it first")
+
     def _capped(self, chunks: Iterable[bytes]) -> Iterable[bytes]:
         cap, size = self.limits.max_file_bytes, 0
         for chunk in chunks:
@@ -175,17 +208,25 @@ class AdapterStore:
             return StoreFull(f"the adapter store is full ({e.strerror}); nothing was stored")
         return e
 
-    def put_peft(self, adapter_id: str, source: str | Path | dict[str, bytes], base: BaseModel,
+    def put_peft(self, adapter_id: str, source: str | Path | dict[str, bytes | Path], base: BaseModel,
                  owner: str | None = None, labels: list[str] | None = None) -> AdapterRecord:
-        """Convert a PEFT directory or upload ({filename: bytes}) for ``base`` and store the result."""
+        """Convert a PEFT directory or upload ({filename: bytes, or a spooled file's path}) for ``base`` and
+        store the result: serialised once into a spool, then validated in place and published like any upload."""
         from adapters_store.peft_import import import_peft
 
-        check_id(adapter_id)
+        self._check_new(adapter_id)
         try:
             adapter = import_peft(source, base, self.limits, labels=labels)
         except AdapterFormatError as e:
             raise _invalid(e) from None
-        return self.put(adapter_id, adapter.to_bytes(), owner=owner, base=base)
+        staged = self.spool()
+        try:
+            self.write_spool(staged, [adapter.to_bytes()])
+        except BaseException:
+            self.discard(staged)
+            raise
+        del adapter  # the converted tensors are on disk now; validation re-reads them from there
+        return self.put_staged(adapter_id, staged, owner=owner, base=base)
 
     def delete(self, adapter_id: str, expect: AdapterRecord | None = None) -> None:
         """Later gets raise AdapterNotFound; a reader already holding the bytes or object is unaffected.

@@ -9,10 +9,11 @@ offsets before anything is allocated), then tensors and metadata against the bas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from safetensors.torch import load
 
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import (
@@ -21,8 +22,11 @@ from adapters_store.format import (
     CompiledAdapter,
     ModuleWeights,
     from_state_dict,
+    load_tensors,
     read_header,
 )
+
+FINITE_CHUNK = 1 << 18  # elements per finiteness check: small temporaries, reused (not retained) by malloc
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,18 @@ def sniff_refused(head: bytes) -> str | None:
     return None
 
 
-def looks_pickled(data: bytes) -> bool:
+def looks_pickled(data: bytes | str | Path) -> bool:
+    """sniff_refused on the first bytes of ``data``, or of the file it names."""
+    if not isinstance(data, bytes):
+        with open(data, "rb") as f:
+            data = f.read(16)
     return sniff_refused(data[:16]) is not None
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """NaN/Inf values in ``t``, looked at in chunks so the check never allocates a tensor-sized mask."""
+    flat = t.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i:i + FINITE_CHUNK])).sum()) for i in range(0, flat.numel(), FINITE_CHUNK))
 
 
 def _shape(t: torch.Tensor) -> list[int]:
@@ -76,7 +90,7 @@ def _check_tensor(name: str, t: torch.Tensor, limits: Limits, problems: list[str
     if dtype not in limits.allowed_dtypes:
         problems.append(f"{name}: dtype {dtype} is not allowed (allowed: {', '.join(limits.allowed_dtypes)})")
         return
-    bad = int((~torch.isfinite(t)).sum())
+    bad = count_nonfinite(t)
     if bad:
         problems.append(f"{name}: {bad} of {t.numel()} values are NaN or Inf")
 
@@ -173,14 +187,22 @@ def validate(adapter: CompiledAdapter, base: BaseModel | None, limits: Limits | 
         raise AdapterFormatError(problems)
 
 
-def validate_bytes(data: bytes, base: BaseModel | None, limits: Limits | None = None) -> CompiledAdapter:
-    """Bytes of a compiled adapter -> CompiledAdapter, or one AdapterFormatError listing every problem."""
+def validate_bytes(data: bytes | str | Path, base: BaseModel | None, limits: Limits | None = None) -> CompiledAdapter:
+    """A compiled adapter's bytes, or its file, -> CompiledAdapter, or one AdapterFormatError listing every
+    problem. A file is read in place (load_tensors maps it): validating N bytes takes about N of memory."""
     limits = limits or Limits()
-    if len(data) > limits.max_file_bytes:
-        raise AdapterFormatError(f"file is {len(data)} bytes, over the cap of {limits.max_file_bytes} bytes")
+    size = len(data) if isinstance(data, bytes) else Path(data).stat().st_size
+    if size > limits.max_file_bytes:
+        raise AdapterFormatError(f"file is {size} bytes, over the cap of {limits.max_file_bytes} bytes")
     if looks_pickled(data):
         raise PickleRefused("the file is a pickle/zip payload (torch.save?), not safetensors; refused, never opened")
     _, header_meta = read_header(data, limits.max_header_bytes)  # container checks; raises on its own
+    return _validated(header_meta, lambda: load_tensors(data), base, limits)
+
+
+def _validated(header_meta: dict[str, str], load_tensors: Callable[[], dict[str, torch.Tensor]],
+               base: BaseModel | None, limits: Limits) -> CompiledAdapter:
+    """Metadata, then the tensors (loaded only now that the container passed read_header) against the base."""
     problems: list[str] = []
     try:
         meta: AdapterMeta | None = AdapterMeta.from_header(header_meta)
@@ -188,7 +210,7 @@ def validate_bytes(data: bytes, base: BaseModel | None, limits: Limits | None = 
         problems.extend(e.problems)
         meta = None
     try:
-        sd = load(data)
+        sd = load_tensors()
     except Exception as e:  # safetensors raises its own error types
         raise AdapterFormatError(problems + [f"safetensors could not read the file: {e}"]) from None
     # With broken metadata the tensors are still checked (so one error lists everything) under a

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from adapters_store.basemodels import BaseModel, load_base
@@ -50,7 +47,6 @@ class ServerState:
     draining: bool = False
     inflight: int = 0  # non-probe HTTP requests being served (the drain waits for 0)
     created: int = field(default_factory=lambda: int(time.time()))
-    upload_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rankserve-uploads-")))
 
     @classmethod
     def create(cls, settings: Settings, metrics: Metrics | None = None, runtime: Runtime | None = None) -> ServerState:
@@ -103,7 +99,6 @@ class ServerState:
     def close(self, stop_engine: bool = True) -> None:
         if stop_engine and self.runtime is not None:
             self.runtime.engine.shutdown()
-        shutil.rmtree(self.upload_dir, ignore_errors=True)
 
 
 def open_store(settings: Settings) -> AdapterStore:

@@ -21,18 +21,16 @@ CAP = 200_000
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llama")
-    (tmp / "spool").mkdir()
     env = {"RANKSERVE_API_KEYS": f"{INFER},{INFER_A}:tenantA", "RANKSERVE_ADMIN_KEY": ADMIN,
-           "RANKSERVE_MAX_UPLOAD_BYTES": str(CAP), "TMPDIR": str(tmp / "spool")}
+           "RANKSERVE_MAX_UPLOAD_BYTES": str(CAP)}
     with LiveServer(tmp, "tiny-llama", "--demo-adapters", "--max-queue", "16", "--max-running", "4",
                     "--max-model-len", "256", env=env) as srv:
-        srv.spool = tmp / "spool"
         yield srv
 
 
 def leftovers(srv) -> list[str]:
-    spooled = [p.name for d in srv.spool.glob("rankserve-uploads-*") for p in d.iterdir()]
-    return spooled + [p.name for p in (srv.store / "tmp").iterdir()]
+    """Spools of uploads and removed adapters alike live in the store's tmp/."""
+    return [p.name for p in (srv.store / "tmp").iterdir()]
 
 
 def gen_body(model, n=6, **kw):

@@ -40,9 +40,8 @@ def reference_text(tiny_llama, adapter, n=5):
 
 
 def leftovers(state) -> list[str]:
-    """Anything an upload could leave behind: our spool files and the store's staging directory."""
-    store_tmp = state.runtime.store.root / "tmp"
-    return sorted(p.name for p in state.upload_dir.iterdir()) + sorted(p.name for p in store_tmp.iterdir())
+    """Anything an upload could leave behind: the store's staging directory holds the spools too."""
+    return sorted(p.name for p in (state.runtime.store.root / "tmp").iterdir())
 
 
 def test_every_method_and_peft_serves_the_reference_forward(srv, tiny_llama):

@@ -63,21 +63,16 @@ def _labels(upload: Upload) -> list[str] | None:
     return labels
 
 
-def _chunks(path, size: int = 1 << 20):
-    with open(path, "rb") as f:
-        while chunk := f.read(size):
-            yield chunk
-
-
 def _register(state: ServerState, adapter_id: str, upload: Upload, owner: str | None):
-    """Threadpool: PEFT conversion or compiled bytes -> validated against the base -> the store's atomic put."""
+    """Threadpool: a PEFT pair converted, or the spooled compiled file itself, validated against the base in
+    place and published by the store (the compiled file by rename: its bytes are never read into memory)."""
     rt = state.require()
     files = {f.filename: f for f in upload.files}
     if set(files) == {CONFIG, WEIGHTS}:
-        return rt.store.put_peft(adapter_id, {n: f.read() for n, f in files.items()}, rt.base, owner=owner,
+        return rt.store.put_peft(adapter_id, {n: f.path for n, f in files.items()}, rt.base, owner=owner,
                                  labels=_labels(upload))
     if len(upload.files) == 1 and upload.files[0].filename.endswith(".safetensors"):
-        return rt.store.put_stream(adapter_id, _chunks(upload.files[0].path), owner=owner, base=rt.base)
+        return rt.store.put_staged(adapter_id, upload.files[0].staged, owner=owner, base=rt.base)
     names = sorted(f.filename for f in upload.files) or "none"
     raise InvalidParameter(f"files: got {names}; expected one compiled *.safetensors, or the PEFT pair "
                            f"{CONFIG} + {WEIGHTS}", param="files")
@@ -110,11 +105,10 @@ async def upload_adapter(request: Request, principal: Principal = Depends(admin_
     """Upload an adapter (admin key): `adapter_id` + `files` (compiled *.safetensors or a PEFT pair)."""
     state = get_state(request)
     metrics = state.metrics
-    state.require()
+    store = state.require().store  # file parts are spooled into its staging area
     try:
         try:
-            upload = await receive_upload(request, state.settings.max_upload_bytes, state.upload_dir,
-                                          _early_checks(state))
+            upload = await receive_upload(request, state.settings.max_upload_bytes, store, _early_checks(state))
         except ClientGone:
             metrics.adapter_uploads.labels(result="aborted").inc()
             event("upload aborted: client disconnected", logging.WARNING)
