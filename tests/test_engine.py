@@ -268,7 +268,7 @@ def test_engine_death_is_reported_and_callers_get_errors(make_engine):
     eng = make_engine()
 
     def boom(chunks, **kw):
-        raise RuntimeError("device lost")
+        raise RuntimeError("CUDA error: device lost")  # device-fatal, not one request's fault
 
     eng.runner.forward = boom
     out = collect(eng.submit_generate(greedy([5, 6], 4)))

@@ -15,6 +15,7 @@ from adapters_store.synth import random_adapter
 from server.common.errors import AdapterLoadFailed, Unavailable, UnknownAdapter
 from server.common.metrics import Metrics
 from server.engine import Engine, EngineConfig
+from server.engine.classify import encode
 from tests.util_apply import apply_adapter
 
 MIX = [("lora", 4, False), ("dora", 8, False), ("adalora", 8, True), ("aroma", 6, True),
@@ -203,11 +204,12 @@ def test_classify_mixed_adapters_in_one_batch(family):
     texts = [["good day", "a bad thing happened to us", "ok"], ["the cat", "sat on the mat today"]]
     try:
         async def run():
-            return await asyncio.gather(*(eng.classify(k, t) for k, t in zip(ads, texts, strict=True)))
+            return await asyncio.gather(*(eng.classify(k, encode(ref_base.tokenizer, t))
+                                          for k, t in zip(ads, texts, strict=True)))
 
         results = asyncio.run(run())
         with pytest.raises(UnknownAdapter):
-            asyncio.run(eng.classify("missing", ["x"]))
+            asyncio.run(eng.classify("missing", [[5]]))
     finally:
         eng.shutdown()
     for adapter, res, tx in zip(ads.values(), results, texts, strict=True):

@@ -53,7 +53,7 @@ def test_dead_engine_fails_health_and_requests(tmp_path):
         engine = state.runtime.engine
 
         def crash(*a, **k):
-            raise RuntimeError("simulated device fault")
+            raise RuntimeError("CUDA error: simulated device fault")  # device-fatal, not one request's
 
         engine.runner.forward = crash
         r = client.post("/v1/completions", json={"model": "tiny-llama", "prompt": "x", "max_tokens": 2})

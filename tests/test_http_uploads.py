@@ -217,10 +217,10 @@ def test_peft_config_problems_are_422_naming_the_field(srv, tiny_llama):  # row 
     assert "badcfg" not in state.runtime.store and leftovers(state) == []
 
 
-def test_missing_parts_are_422(srv, tiny_llama):
+def test_missing_parts_are_400(srv, tiny_llama):
     client, _ = srv
     r = client.post("/v1/adapters", **multipart(None, {"a.safetensors": compiled_bytes(tiny_llama, seed=1)}))
-    assert r.status_code == 422 and r.json()["error"]["param"] == "adapter_id"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "adapter_id"
     r = client.post("/v1/adapters", data={"adapter_id": "nofiles"}, files=[("other", ("x.txt", b"hi"))])
     assert r.status_code == 415
     r = client.post("/v1/adapters", json={"adapter_id": "x"})

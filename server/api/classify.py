@@ -6,6 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from server.api.deps import (
     ERROR_RESPONSES,
@@ -18,6 +19,7 @@ from server.api.deps import (
 from server.api.schemas import Classification, ClassifyRequest, ClassifyResponse
 from server.common.auth import Principal
 from server.common.errors import DeadlineExceeded, InvalidParameter
+from server.engine.classify import encode
 
 router = APIRouter(tags=["classify"])
 
@@ -26,12 +28,15 @@ router = APIRouter(tags=["classify"])
 async def classify(body: ClassifyRequest, request: Request, principal: Principal = Depends(inference_principal)):
     """Label each input with a classify adapter: the top label and the score of every label."""
     state = get_state(request)
-    engine = state.require().engine
+    rt = state.require()
+    engine = rt.engine
     adapter_id = adapter_of(state, body.model)
     if adapter_id is None:
         raise InvalidParameter("classification needs a classify adapter id as `model` (it carries the head)",
                                param="model")
-    work = asyncio.ensure_future(engine.classify(adapter_id, body.texts, principal.tenant))
+    engine.check_capacity()  # 429 / 503 before any tokenising
+    rows = await run_in_threadpool(encode, rt.tokenizer, body.texts)  # off the loop and the engine thread
+    work = asyncio.ensure_future(engine.classify(adapter_id, rows, principal.tenant))
     watch = watch_disconnect(request, work.cancel)  # a gone client's job is skipped by the engine
     try:
         results = await asyncio.wait_for(work, state.settings.request_timeout + HUNG_GRACE_S)

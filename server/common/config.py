@@ -36,7 +36,6 @@ class EngineConfig:
     hang_timeout_s: float = 120.0  # a step longer than this marks the engine unhealthy
     merge_single_adapter: bool = False
     async_adapter_loads: bool = True  # read adapters from the store on loader threads, not the engine thread
-    max_classify_rows: int = 64
     seed: int = 0
 
 

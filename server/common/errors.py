@@ -27,7 +27,7 @@ class BadRequest(ServingError):
 
 
 class InvalidParameter(ServingError):
-    http_status = 422
+    http_status = 400
     type = "invalid_request_error"
     code = "invalid_parameter"
 
@@ -66,6 +66,14 @@ class Unavailable(ServingError):
 
     http_status = 503
     code = "unavailable"
+
+
+class RequestFailed(ServingError):
+    """This request's own work failed inside the engine (a bug or a fault it alone hit); the engine and every
+    other request go on."""
+
+    http_status = 500
+    code = "request_failed"
 
 
 class DeadlineExceeded(ServingError):

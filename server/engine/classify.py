@@ -1,134 +1,174 @@
 """Classification on the engine thread: pending classify calls of any adapters run as ONE padded batch.
 
+Calls arrive tokenised (``encode``, run off the engine thread) and are budgeted in tokens like generate:
+a batch takes rows, oldest call first, while its padded size (rows x longest row) stays within
+``max_tokens``; a call with more rows than fit runs over several steps, so no step grows with the size
+of one request (and none runs long enough to trip the hang watchdog). A call is admitted (its adapter
+pinned) through ``engine.admission``, the path generate requests take, and keeps its pin until its last
+row is done.
+
 The backbone forward (HF, right-padded ``[B, L]``) runs under ``pool.step(token_slots)`` with one slot per
 token, flattened row-major, so rows of different adapters share the pass; each adapter's pooling
 (``last`` real token for decoders, ``mean``/``first`` for encoders, from its metadata) and head are then
-applied to its own rows.
+applied to its own rows. A fault in one call's rows (its forward or its head) fails that call alone: the
+batch is run again call by call to find it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from server.common.errors import AdapterLoadFailed, ServingError, Unavailable
+from server.common.errors import AdapterLoadFailed, RequestFailed, ServingError
 from server.engine.admission import Admission
 from server.engine.request import ClassifyJob
 from server.lora.pool import AdapterPool
 
-Result = list[tuple[str, dict[str, float]]]
+log = logging.getLogger("rankserve.engine")
+Result = tuple[str, dict[str, float]]
+Piece = tuple[ClassifyJob, int, int]  # a call's rows start..stop in this batch
+
+
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids per text, untruncated (over-long inputs are refused by the engine, never cut)."""
+    return [list(ids) for ids in tokenizer(list(texts))["input_ids"]]
 
 
 class ClassifyStep:
-    def __init__(self, model: nn.Module, is_decoder: bool, tokenizer, pool: AdapterPool, admission: Admission,
-                 max_len: int, max_rows: int, before_run: Callable[[], None]):
+    def __init__(self, model: nn.Module, is_decoder: bool, pad_id: int, pool: AdapterPool, admission: Admission,
+                 max_tokens: int, before_run: Callable[[], None]):
         self.model = model
         self.is_decoder = is_decoder
-        self.tokenizer = tokenizer
+        self.pad_id = pad_id
         self.pool = pool
         self.admission = admission
-        self.max_len = max_len
-        self.max_rows = max_rows
+        self.max_tokens = max_tokens  # padded tokens (rows x longest row) per batch
         self.before_run = before_run  # e.g. restore the base weights if a generate batch merged an adapter
         self.jobs: deque[ClassifyJob] = deque()  # appended from the caller's thread, consumed here
         self.busy = False
 
     def run_pending(self) -> bool:
-        """Admit what fits (adapters resident and pinned), run it as one batch; True if anything ran."""
-        if not self.jobs:
-            return False
-        batch: list[ClassifyJob] = []
-        rows = 0
-        for job in list(self.jobs):
-            if job.done:
-                self.jobs.remove(job)
-                continue
-            if rows and rows + len(job.texts) > self.max_rows:
-                break
-            try:
-                if not self.admission.admit(job):
-                    continue  # no slot yet, or its adapter is still loading: it keeps its place
-            except ServingError as e:
-                self.jobs.remove(job)
-                job.resolve(None, e)
-                continue
-            self.jobs.remove(job)
-            batch.append(job)
-            rows += len(job.texts)
-        if not batch:
+        """Admit what fits, run it as one batch; True if anything ran."""
+        pieces = self._take()
+        if not pieces:
             return False
         self.busy = True
         try:
             self.before_run()
-            for job, result in zip(batch, self._forward(batch), strict=True):
-                if isinstance(result, ServingError):
-                    job.resolve(None, result)
+            for (job, _, _), out in zip(pieces, self._run_isolating(pieces), strict=True):
+                if isinstance(out, BaseException):
+                    self._fail(job, out)
                 else:
-                    job.resolve(result)
-        except BaseException as e:
-            for job in batch:
-                job.resolve(None, Unavailable(f"classification failed: {type(e).__name__}: {e}"))
-            raise
+                    job.results.extend(out)
+                    if len(job.results) == len(job.rows):
+                        job.resolve(job.results)
+                        self.admission.release(job)
         finally:
             self.busy = False
-            for job in batch:
-                self.admission.release(job)
         return True
+
+    def _take(self) -> list[Piece]:
+        """Rows for one batch under the token budget, calls in arrival order (a call may be split)."""
+        pieces: list[Piece] = []
+        count, longest = 0, 0
+        for job in list(self.jobs):
+            if job.done:
+                self._drop(job)
+                continue
+            if not job.pinned:
+                try:
+                    if not self.admission.admit(job):
+                        continue  # no slot yet, or its adapter is still loading: it keeps its place
+                except ServingError as e:
+                    self._fail(job, e)
+                    continue
+            start = job.next_row
+            while job.next_row < len(job.rows):
+                wide = max(longest, len(job.rows[job.next_row]))
+                if count and (count + 1) * wide > self.max_tokens:
+                    break
+                count, longest = count + 1, wide
+                job.next_row += 1
+            if job.next_row > start:
+                pieces.append((job, start, job.next_row))
+            if job.next_row == len(job.rows):
+                self.jobs.remove(job)  # every row is in a batch; the pin stays until the results are in
+            else:
+                break  # the budget is full
+        return pieces
+
+    def _run_isolating(self, pieces: list[Piece]) -> list[list[Result] | BaseException]:
+        try:
+            return self._forward(pieces)
+        except Exception as e:
+            if len(pieces) == 1:
+                log.exception("classify call failed in the engine")
+                return [RequestFailed(f"classification failed: {type(e).__name__}: {e}")]
+        return [out for piece in pieces for out in self._run_isolating([piece])]
 
     def reap(self, now: float) -> None:
         for job in list(self.jobs):
             if job.done or job.expired(now):
-                self.jobs.remove(job)
+                self._drop(job)
 
     def fail_all(self, err: ServingError) -> None:
         while self.jobs:
-            self.jobs.popleft().resolve(None, err)
+            self._fail(self.jobs[0], err)
+
+    def _fail(self, job: ClassifyJob, err: BaseException) -> None:
+        job.resolve(None, err)
+        self._drop(job)
+
+    def _drop(self, job: ClassifyJob) -> None:
+        if job in self.jobs:
+            self.jobs.remove(job)
+        self.admission.release(job)
 
     @torch.inference_mode()
-    def _forward(self, batch: list[ClassifyJob]) -> list[Result | ServingError]:
-        encoded: list[list[int]] = []
-        slots: list[int] = []
-        poolings: list[str] = []
+    def _forward(self, pieces: list[Piece]) -> list[list[Result] | BaseException]:
+        rows = [row for job, start, stop in pieces for row in job.rows[start:stop]]
+        slots = [job.adapter_slot for job, start, stop in pieces for _ in range(stop - start)]
         default_pooling = "last" if self.is_decoder else "mean"
-        for job in batch:
-            pooling = self.pool.adapter(job.key).meta.pooling or default_pooling
-            for text in job.texts:
-                ids = self.tokenizer(text, truncation=True, max_length=self.max_len)["input_ids"]
-                encoded.append(ids or [self.tokenizer.pad_token_id or 0])
-                slots.append(job.adapter_slot)
-                poolings.append(pooling)
+        poolings = [self.pool.adapter(job.key).meta.pooling or default_pooling
+                    for job, start, stop in pieces for _ in range(stop - start)]
         dev = next(self.model.parameters()).device
-        B, L = len(encoded), max(len(e) for e in encoded)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((B, L), pad, dtype=torch.long)
+        B, L = len(rows), max(len(r) for r in rows)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
         mask = torch.zeros(B, L, dtype=torch.long)
-        for b, e in enumerate(encoded):
-            ids[b, :len(e)] = torch.tensor(e)
-            mask[b, :len(e)] = 1
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = torch.tensor(r)
+            mask[b, :len(r)] = 1
         token_slots = torch.tensor(slots)[:, None].expand(B, L).reshape(-1)  # [B*L] row-major, on the host
         with self.pool.step(token_slots):
             hidden = pooled_hidden(self.model, self.is_decoder, ids.to(dev), mask.to(dev), poolings)  # [B, d]
-        results: list[Result | ServingError] = []
+        out: list[list[Result] | BaseException] = []
         row = 0
-        for job in batch:
-            adapter = self.pool.adapter(job.key)
-            n = len(job.texts)
-            h = hidden[row:row + n].float()
-            row += n
-            if adapter.head_weight is None:
-                results.append(AdapterLoadFailed(f"adapter {job.adapter_id!r} has no classification head"))
-                continue
-            logits = h @ adapter.head_weight.to(h.device, torch.float32).T  # [n, num_labels]
-            if adapter.head_bias is not None:
-                logits = logits + adapter.head_bias.to(h.device, torch.float32)
-            probs = logits.softmax(dim=-1).cpu()
-            labels = adapter.meta.labels or [f"LABEL_{i}" for i in range(probs.shape[1])]
-            results.append([(labels[int(p.argmax())], {lab: float(v) for lab, v in zip(labels, p.tolist(), strict=True)})
-                            for p in probs])
-        return results
+        for job, start, stop in pieces:
+            try:
+                out.append(self._head(job, hidden[row:row + stop - start]))
+            except Exception as e:  # this call's head alone
+                log.exception("classify head failed for adapter %r", job.adapter_id)
+                out.append(RequestFailed(f"classification failed: {type(e).__name__}: {e}"))
+            row += stop - start
+        return out
+
+    def _head(self, job: ClassifyJob, hidden: torch.Tensor) -> list[Result] | BaseException:
+        """The adapter's task head on its rows' pooled features [n, d] -> (label, scores) per row."""
+        adapter = self.pool.adapter(job.key)
+        if adapter.head_weight is None:
+            return AdapterLoadFailed(f"adapter {job.adapter_id!r} has no classification head")
+        h = hidden.float()
+        logits = h @ adapter.head_weight.to(h.device, torch.float32).T  # [n, num_labels]
+        if adapter.head_bias is not None:
+            logits = logits + adapter.head_bias.to(h.device, torch.float32)
+        probs = logits.softmax(dim=-1).cpu()
+        labels = adapter.meta.labels or [f"LABEL_{i}" for i in range(probs.shape[1])]
+        return [(labels[int(p.argmax())], {lab: float(v) for lab, v in zip(labels, p.tolist(), strict=True)})
+                for p in probs]
 
 
 def pooled_hidden(model: nn.Module, is_decoder: bool, input_ids: torch.Tensor, attention_mask: torch.Tensor,

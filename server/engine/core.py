@@ -24,6 +24,7 @@ from server.common.errors import (
     DeadlineExceeded,
     InvalidParameter,
     QueueFull,
+    RequestFailed,
     ServingError,
     TaskMismatch,
     Unavailable,
@@ -32,9 +33,10 @@ from server.common.errors import (
 from server.common.machine import host_share_bytes
 from server.common.metrics import Metrics
 from server.engine.classify import ClassifyStep
+from server.engine.isolation import forward_isolating, sample_isolating
 from server.engine.output import OutputState, eos_ids
 from server.engine.request import ClassifyJob, EventSink, GenerateParams, GenRequest, RequestHandle
-from server.engine.sampler import RowSampling, make_generator, sample
+from server.engine.sampler import RowSampling, make_generator
 from server.engine.scheduler import Request, Scheduler
 from server.engine.tokens import TokenState
 from server.lora.merge_policy import MergePolicy
@@ -87,8 +89,8 @@ class Engine:
             self.runner = ModelRunner(base.model, self.cache, self.pool.step)
         self.scheduler = Scheduler(self.residency, kv, cfg.max_batch_tokens, cfg.max_running, cfg.max_queue,
                                    cfg.slot_wait_s)
-        self.classifier = ClassifyStep(base.model, base.is_decoder, self.tokenizer, self.pool,
-                                       self.scheduler.admission, self.max_model_len, cfg.max_classify_rows,
+        self.classifier = ClassifyStep(base.model, base.is_decoder, self.tokenizer.pad_token_id or 0, self.pool,
+                                       self.scheduler.admission, max(cfg.max_batch_tokens, self.max_model_len),
                                        before_run=self.merging.unmerge)
         self._eos = eos_ids(base)
         self._eos_tensor = torch.tensor(sorted(self._eos), dtype=torch.long)
@@ -211,7 +213,9 @@ class Engine:
         self._wake.set()
         return handle
 
-    async def classify(self, adapter_id: str, texts: list[str], owner: str | None = None) -> list[tuple[str, dict[str, float]]]:
+    async def classify(self, adapter_id: str, rows: list[list[int]], owner: str | None = None
+                       ) -> list[tuple[str, dict[str, float]]]:
+        """Label each input, given as token ids (``engine.classify.encode``, off the engine thread)."""
         self.check_capacity()
         if len(self.classifier.jobs) >= self.config.max_queue:
             raise QueueFull(f"the classification queue is full ({self.config.max_queue} calls); retry later",
@@ -219,9 +223,17 @@ class Engine:
         if adapter_id is None:
             raise TaskMismatch("classification needs a classify adapter (it carries the head)", param="model")
         record = self._resolve(adapter_id, owner, "classify")
-        if not texts or any(not isinstance(t, str) or not t for t in texts):
-            raise InvalidParameter("input must be a non-empty list of non-empty strings", param="input")
-        job = ClassifyJob.create(adapter_id, record.digest, list(texts), self.config.request_timeout_s)
+        if not rows or any(not r for r in rows):
+            raise InvalidParameter("input must be a non-empty list of non-empty inputs", param="input")
+        long = [(i, len(r)) for i, r in enumerate(rows) if len(r) > self.max_model_len]
+        if long:
+            i, n = long[0]
+            raise ContextLengthExceeded(f"input[{i}] is {n} tokens; this model's maximum context length is "
+                                        f"{self.max_model_len} ({len(long)} inputs over it)", param="input")
+        vocab = int(self.base.model.config.vocab_size)
+        if any(not 0 <= t < vocab for r in rows for t in r):
+            raise InvalidParameter(f"input: token ids must be in [0, {vocab})", param="input")
+        job = ClassifyJob.create(adapter_id, record.digest, [list(r) for r in rows], self.config.request_timeout_s)
         self.classifier.jobs.append(job)
         self._wake.set()
         return await job.wait()
@@ -298,13 +310,16 @@ class Engine:
         self.merging.before_step(r.key for r in self.scheduler.running)
         run = [Chunk(r.seq, r.tokens.ids[r.num_computed:r.num_computed + n], r.num_computed, r.adapter_slot)
                for r, n in chunks]
-        logits = self.runner.forward(run)  # type: ignore[union-attr]
+        logits = forward_isolating(self.runner.forward, run)  # type: ignore[union-attr]
         m = self.metrics
         if m is not None:
             m.batch_size.observe(len(chunks))
             m.batch_distinct_adapters.observe(len({r.key for r in reqs if r.key is not None}))
         ready: list[tuple[GenRequest, torch.Tensor]] = []
         for (r, n), lg in zip(chunks, logits, strict=True):
+            if isinstance(lg, Exception):
+                self._fail_alone(r, "forward", lg)  # type: ignore[arg-type]
+                continue
             num_prompt = r.tokens.num_prompt
             if r.num_computed < num_prompt and m is not None and not r.preemptions:
                 if r.num_computed == 0 and r.scheduled_at is not None:
@@ -315,15 +330,29 @@ class Engine:
                 ready.append((r, lg))  # type: ignore[arg-type]
         if not ready:
             return
-        tokens = sample(torch.stack([lg for _, lg in ready]), [r.rows for r, _ in ready], self._eos_tensor)
+        tokens = sample_isolating(torch.stack([lg for _, lg in ready]), [r.rows for r, _ in ready],
+                                  self._eos_tensor)
         now = time.monotonic()
         for (r, _), tok in zip(ready, tokens, strict=True):
-            delta, reason = r.out.append(tok)  # the one write of a generated id (into r.tokens)
+            if isinstance(tok, Exception):
+                self._fail_alone(r, "sampling", tok)
+                continue
+            try:
+                delta, reason = r.out.append(tok)  # the one write of a generated id (into r.tokens)
+            except Exception as e:
+                self._fail_alone(r, "detokenisation", e)
+                continue
             r.observe_token(now, m)
             if reason is not None:
                 self._finish(r, reason, None, delta, [tok])
             else:
                 r.handle.push(r.event(delta, [tok]))
+
+    def _fail_alone(self, req: GenRequest, stage: str, err: Exception) -> None:
+        """A fault in this request's own work: it fails, everything else goes on (RELIABILITY row 36)."""
+        log.error("request %s failed in %s: %s: %s", req.request_id, stage, type(err).__name__, err)
+        self._finish(req, "error", RequestFailed(f"request {req.request_id} failed in {stage}: "
+                                                 f"{type(err).__name__}: {err}"))
 
     def _reap(self) -> None:
         """Cancelled requests leave (within one step of cancel()); expired deadlines fail with 504."""

@@ -182,11 +182,14 @@ class GenRequest(Request):
 
 @dataclass(eq=False)
 class ClassifyJob:
-    """One classify call: texts for one adapter, answered through an asyncio future on the caller's loop."""
+    """One classify call: token rows for one adapter, answered through an asyncio future on the caller's loop.
+
+    Its rows may run over several engine steps (the padded batch is bounded in tokens); it holds its adapter
+    pin from admission until its last row is done."""
 
     adapter_id: str
     key: str
-    texts: list[str]
+    rows: list[list[int]]  # token ids per input, tokenised off the engine thread
     deadline: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -195,11 +198,13 @@ class ClassifyJob:
     pinned: bool = False
     slot_wait_since: float | None = None
     done: bool = False
+    next_row: int = 0  # rows before this one are in a batch already
+    results: list = field(default_factory=list)  # (label, scores) per finished row, in order
 
     @classmethod
-    def create(cls, adapter_id: str, key: str, texts: list[str], timeout_s: float) -> ClassifyJob:
+    def create(cls, adapter_id: str, key: str, rows: list[list[int]], timeout_s: float) -> ClassifyJob:
         loop = asyncio.get_running_loop()
-        return cls(adapter_id, key, texts, time.monotonic() + timeout_s, loop, loop.create_future())
+        return cls(adapter_id, key, rows, time.monotonic() + timeout_s, loop, loop.create_future())
 
     async def wait(self) -> list[tuple[str, dict[str, float]]]:
         try:

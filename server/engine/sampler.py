@@ -7,11 +7,15 @@ request's own ``torch.Generator`` (so a seeded request gives the same tokens wha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from server.engine.tokens import TokenState
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what torch.Generator.manual_seed takes
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy (as vLLM): dividing by a denormal would overflow
 
 
 @dataclass(frozen=True)
@@ -26,14 +30,19 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
     def validate(self) -> list[str]:
-        """Every problem with the parameters, each naming its field."""
+        """Every problem with the parameters, each naming its field (the engine's own check, behind the
+        HTTP schema's: callers in-process reach the engine without it)."""
         p = []
         if self.max_tokens < 1:
             p.append(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            p.append(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            p.append(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             p.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            p.append(f"top_k must be >= -1 (0 or -1 = off), got {self.top_k}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            p.append(f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             p.append(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if any(not s for s in self.stop):
@@ -74,12 +83,13 @@ def sample(logits: torch.Tensor, rows: list[RowSampling], eos_ids: torch.Tensor)
             is_eos[eos_ids.to(dev)] = True
             logits = logits.masked_fill(held & is_eos[None, :], float("-inf"))
     out = logits.argmax(dim=-1)  # [B]; greedy rows keep this
-    sampled = [i for i, r in enumerate(rows) if r.params.temperature > 0]
+    sampled = [i for i, r in enumerate(rows) if r.params.temperature >= GREEDY_BELOW]
     if sampled:
         idx = torch.tensor(sampled, device=dev)
         sub = logits[idx]  # [S, V]
         temps = torch.tensor([rows[i].params.temperature for i in sampled], device=dev)
-        top_k = torch.tensor([rows[i].params.top_k if rows[i].params.top_k > 0 else V for i in sampled], device=dev)
+        top_k = torch.tensor([min(rows[i].params.top_k, V) if rows[i].params.top_k > 0 else V for i in sampled],
+                             device=dev)
         top_p = torch.tensor([rows[i].params.top_p for i in sampled], device=dev)
         sorted_logits, order = (sub / temps[:, None]).sort(dim=-1, descending=True)  # [S, V]
         rank = torch.arange(V, device=dev)[None, :]
