@@ -23,7 +23,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from server.common.errors import AdapterLoadFailed, RequestFailed, ServingError
+from server.common.errors import (
+    AdapterLoadFailed,
+    ContextLengthExceeded,
+    InvalidParameter,
+    RequestFailed,
+    ServingError,
+)
 from server.engine.admission import Admission
 from server.engine.request import ClassifyJob
 from server.lora.pool import AdapterPool
@@ -36,6 +42,19 @@ Piece = tuple[ClassifyJob, int, int]  # a call's rows start..stop in this batch
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids per text, untruncated (over-long inputs are refused by the engine, never cut)."""
     return [list(ids) for ids in tokenizer(list(texts))["input_ids"]]
+
+
+def check_rows(rows: list[list[int]], max_len: int, vocab_size: int) -> None:
+    """Refuse (400) empty inputs, inputs over the context (never truncated), ids outside the vocabulary."""
+    if not rows or any(not r for r in rows):
+        raise InvalidParameter("input must be a non-empty list of non-empty inputs", param="input")
+    long = [(i, len(r)) for i, r in enumerate(rows) if len(r) > max_len]
+    if long:
+        i, n = long[0]
+        raise ContextLengthExceeded(f"input[{i}] is {n} tokens; this model's maximum context length is {max_len} "
+                                    f"({len(long)} inputs over it)", param="input")
+    if any(not 0 <= t < vocab_size for r in rows for t in r):
+        raise InvalidParameter(f"input: token ids must be in [0, {vocab_size})", param="input")
 
 
 class ClassifyStep:

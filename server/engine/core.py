@@ -32,7 +32,7 @@ from server.common.errors import (
 )
 from server.common.machine import host_share_bytes
 from server.common.metrics import Metrics
-from server.engine.classify import ClassifyStep
+from server.engine.classify import ClassifyStep, check_rows
 from server.engine.isolation import forward_isolating, sample_isolating
 from server.engine.output import OutputState, eos_ids
 from server.engine.request import ClassifyJob, EventSink, GenerateParams, GenRequest, RequestHandle
@@ -223,16 +223,7 @@ class Engine:
         if adapter_id is None:
             raise TaskMismatch("classification needs a classify adapter (it carries the head)", param="model")
         record = self._resolve(adapter_id, owner, "classify")
-        if not rows or any(not r for r in rows):
-            raise InvalidParameter("input must be a non-empty list of non-empty inputs", param="input")
-        long = [(i, len(r)) for i, r in enumerate(rows) if len(r) > self.max_model_len]
-        if long:
-            i, n = long[0]
-            raise ContextLengthExceeded(f"input[{i}] is {n} tokens; this model's maximum context length is "
-                                        f"{self.max_model_len} ({len(long)} inputs over it)", param="input")
-        vocab = int(self.base.model.config.vocab_size)
-        if any(not 0 <= t < vocab for r in rows for t in r):
-            raise InvalidParameter(f"input: token ids must be in [0, {vocab})", param="input")
+        check_rows(rows, self.max_model_len, int(self.base.model.config.vocab_size))
         job = ClassifyJob.create(adapter_id, record.digest, [list(r) for r in rows], self.config.request_timeout_s)
         self.classifier.jobs.append(job)
         self._wake.set()
@@ -244,9 +235,16 @@ class Engine:
 
     def forget_adapter(self, digest: str) -> None:
         """After a delete: drop that version from the pool's tiers once no running request pins it
-        (any thread; done on the engine thread). Running requests finish with the version they pinned."""
+        (any thread; done on the engine thread), and forget any load failure of it. Running requests finish
+        with the version they pinned."""
+        self.residency.forget(digest)
         self._forgets.append(digest)
         self._wake.set()
+
+    def adapter_published(self, digest: str) -> None:
+        """After an upload (any thread): a version that failed to load before (the same bytes, re-uploaded
+        over a damaged file) is tried again."""
+        self.residency.forget(digest)
 
     def cancel(self, req: GenRequest) -> None:
         """Called by RequestHandle.cancel (any thread): the engine frees it within one step."""

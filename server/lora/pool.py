@@ -209,6 +209,20 @@ class AdapterPool:
                     res.forget = True
             self._update_gauges()
 
+    def free_memory(self) -> int:
+        """After an out-of-memory: drop the CPU tier (copies the store can give again) and hand cached device
+        memory back to the driver. Resident adapters stay: their slots are preallocated. Returns the bytes
+        dropped from the CPU tier."""
+        with self._lock:
+            dropped = self._cpu_used
+            self._stats.evictions["cpu"] += len(self._cpu)
+            self._cpu.clear()
+            self._cpu_used = 0
+            self._update_gauges()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return dropped
+
     @property
     def stats(self) -> PoolStats:
         with self._lock:

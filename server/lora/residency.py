@@ -9,8 +9,15 @@ Loads from the store run on loader threads, not on the engine thread (as S-LoRA 
 ``prefetch`` starts reading and validating a version that is neither resident nor in the CPU tier; while
 that runs, ``acquire`` answers ``AdapterLoading`` (an ``AdapterBusy``), so the request keeps its place and everything else keeps
 stepping; the finished load lands in the CPU tier and wakes the engine, whose acquire then only copies it
-into a slot. A load that fails on a loader thread is retried once on the engine thread, which owns the
-one failure path (the 424 and the remembered failure). ``prefetch=False`` loads on the engine thread.
+into a slot. A load that fails on a loader thread is retried on the engine thread, which owns the one
+failure path. ``prefetch=False`` loads on the engine thread.
+
+Failures are of two kinds (RELIABILITY rows 22, 23, 39). A permanent one (the file is not a valid adapter
+for this base, or no longer matches its digest) answers 424 and is remembered, so later requests for that
+version fail at once; deleting or re-uploading the adapter clears the memo (``forget``). A transient one
+(an I/O error, out of memory) is retried with back-off while the request waits in place; out of memory
+first drops the CPU tier and cached device memory. After the last retry the request gets 503 with
+Retry-After, and nothing is remembered.
 """
 
 from __future__ import annotations
@@ -23,13 +30,26 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
+import torch
+
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, CompiledAdapter
-from server.common.errors import AdapterLoadFailed, UnknownAdapter
+from server.common.errors import AdapterLoadFailed, Unavailable, UnknownAdapter
 from server.common.metrics import Metrics
 from server.lora.pool import AdapterPool, PoolExhausted
 
 log = logging.getLogger("rankserve.residency")
+RETRY_BACKOFF_S = (0.05, 0.2, 0.8, 3.2)  # waits before each retry of a transiently failed load
+
+
+def out_of_memory(e: BaseException) -> bool:
+    oom = (MemoryError, *((torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ()))
+    return isinstance(e, oom) or "out of memory" in str(e).lower()
+
+
+def transient(e: BaseException) -> bool:
+    """Worth retrying: the same read may succeed later (EIO, a full page cache, memory pressure)."""
+    return isinstance(e, OSError) or out_of_memory(e)
 
 
 class AdapterBusy(Exception):
@@ -50,6 +70,27 @@ class Claim(Protocol):
 
 class Residency(Protocol):
     def acquire(self, req: Claim) -> int: ...  # device slot (-1 = base); raises AdapterBusy or ServingError
+    def _retry_later(self, adapter_id: str | None, key: str, e: BaseException, why: str) -> None:
+        """A transient failure: wait in place (AdapterLoading) and try again after a back-off, at most
+        len(RETRY_BACKOFF_S) times, then 503. Out of memory first frees what the pool can give back."""
+        attempts = self._retries.get(key, (0, 0.0))[0] + 1
+        if out_of_memory(e):
+            freed = self.pool.free_memory()
+            log.warning("out of memory loading adapter %r: dropped %d bytes of the CPU tier", adapter_id, freed)
+        if attempts > len(RETRY_BACKOFF_S):
+            self._retries.pop(key, None)
+            raise Unavailable(f"adapter {adapter_id!r} could not be loaded after {attempts} attempts ({why}); "
+                              "retry later", param="model", retry_after=5.0) from None
+        self._retries[key] = (attempts, time.monotonic() + RETRY_BACKOFF_S[attempts - 1])
+        log.warning("adapter %r failed to load (attempt %d, retrying in %.2f s): %s", adapter_id, attempts,
+                    RETRY_BACKOFF_S[attempts - 1], why)
+        raise AdapterLoading() from None
+
+    def forget(self, digest: str) -> None:
+        """A delete or a re-upload of this version: forget why it failed, so the next request tries again."""
+        self.failed.pop(digest, None)
+        self._retries.pop(digest, None)
+
     def release(self, req: Claim) -> None: ...
 
 
@@ -62,7 +103,8 @@ class AdapterResidency:
         self.base = base
         self.store = store
         self.metrics = metrics
-        self.failed: OrderedDict[str, str] = OrderedDict()  # digest -> why it could not load
+        self.failed: OrderedDict[str, str] = OrderedDict()  # digest -> why it can never load (permanent)
+        self._retries: dict[str, tuple[int, float]] = {}  # digest -> (transient failures, next try at)
         self._published: dict[tuple[str, str], float] = {}
         self.on_loaded = on_loaded  # the engine's wake-up
         self._loads: dict[str, Future] = {}  # digest -> its load running on a loader thread
@@ -96,6 +138,8 @@ class AdapterResidency:
             if self.metrics is not None:
                 self.metrics.adapter_load_duration.labels(source="disk").observe(time.monotonic() - start)
         except Exception as e:  # the engine thread loads it again and reports the failure its usual way
+            if out_of_memory(e):
+                self.pool.free_memory()
             log.info("adapter %r (%s) failed to load on a loader thread: %s: %s", adapter_id, digest[:12],
                      type(e).__name__, e)
         finally:
@@ -117,6 +161,9 @@ class AdapterResidency:
         cold = self.pool.slot_of(req.key) is None
         if cold and self.loading(req.key):
             raise AdapterLoading()  # being read on a loader thread; the request keeps its place
+        retry = self._retries.get(req.key)
+        if cold and retry is not None and time.monotonic() < retry[1]:
+            raise AdapterLoading()  # backing off after a transient failure; bounded by the deadline
         loaded: list[bool] = []
         start = time.monotonic()
         try:
@@ -125,16 +172,40 @@ class AdapterResidency:
             raise AdapterBusy() from None
         except UnknownAdapter:
             raise
-        except Exception as e:  # a corrupt file, a misfit for the pool, CUDA OOM after the pool's retry, ...
+        except Exception as e:  # a corrupt file, a misfit for the pool, an I/O error, out of memory, ...
             why = "; ".join(e.problems) if isinstance(e, AdapterFormatError) else f"{type(e).__name__}: {e}"
+            if transient(e):
+                self._retry_later(adapter_id, req.key, e, why)
             self.failed[req.key] = why
             while len(self.failed) > self.MAX_FAILED:
                 self.failed.popitem(last=False)
             raise AdapterLoadFailed(f"adapter {adapter_id!r} failed to load: {why}", param="model") from None
+        self._retries.pop(req.key, None)
         if cold and self.metrics is not None:  # made resident now: from the store (disk) or the CPU tier
             source = "disk" if loaded else "cpu"
             self.metrics.adapter_load_duration.labels(source=source).observe(time.monotonic() - start)
         return slot
+
+    def _retry_later(self, adapter_id: str | None, key: str, e: BaseException, why: str) -> None:
+        """A transient failure: wait in place (AdapterLoading) and try again after a back-off, at most
+        len(RETRY_BACKOFF_S) times, then 503. Out of memory first frees what the pool can give back."""
+        attempts = self._retries.get(key, (0, 0.0))[0] + 1
+        if out_of_memory(e):
+            freed = self.pool.free_memory()
+            log.warning("out of memory loading adapter %r: dropped %d bytes of the CPU tier", adapter_id, freed)
+        if attempts > len(RETRY_BACKOFF_S):
+            self._retries.pop(key, None)
+            raise Unavailable(f"adapter {adapter_id!r} could not be loaded after {attempts} attempts ({why}); "
+                              "retry later", param="model", retry_after=5.0) from None
+        self._retries[key] = (attempts, time.monotonic() + RETRY_BACKOFF_S[attempts - 1])
+        log.warning("adapter %r failed to load (attempt %d, retrying in %.2f s): %s", adapter_id, attempts,
+                    RETRY_BACKOFF_S[attempts - 1], why)
+        raise AdapterLoading() from None
+
+    def forget(self, digest: str) -> None:
+        """A delete or a re-upload of this version: forget why it failed, so the next request tries again."""
+        self.failed.pop(digest, None)
+        self._retries.pop(digest, None)
 
     def release(self, req: Claim) -> None:
         if req.key is not None:
