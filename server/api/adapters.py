@@ -125,6 +125,7 @@ async def upload_adapter(request: Request, principal: Principal = Depends(admin_
         metrics.adapter_uploads.labels(result=_UPLOAD_RESULTS.get(status, "invalid" if status < 500 else "error")).inc()
         raise
     metrics.adapter_uploads.labels(result="ok").inc()
+    state.require().engine.adapter_published(record.digest)  # a failure remembered for these bytes is void
     event("adapter uploaded", adapter_id=record.id, owner=record.owner, size=getattr(record, "size", None))
     return JSONResponse(record_json(record), status_code=201)
 
