@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import load
 from safetensors.torch import load_file as _map_file
 
 FORMAT_VERSION = "1"
@@ -185,15 +186,47 @@ class CompiledAdapter:
             sd["head.bias"] = self.head_bias
         return sd
 
-    def to_bytes(self) -> bytes:
+    def chunks(self) -> Iterator[bytes | memoryview]:
+        """The safetensors file, piece by piece, each tensor's bytes in place: writing it to a file or a
+        stream never holds a second copy of the adapter in memory."""
         meta = self.meta
         if not meta.ranks:
             meta.ranks = {p: m.rank for p, m in sorted(self.modules.items())}
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        return save(sd, metadata=meta.to_header())
+        return safetensors_chunks(self.state_dict(), meta.to_header())
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self.chunks())
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_bytes(self.to_bytes())
+        with open(path, "wb") as f:
+            for chunk in self.chunks():
+                f.write(chunk)
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def safetensors_chunks(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Iterator[bytes | memoryview]:
+    """A safetensors file as chunks (the header, then every tensor's bytes), as safetensors' own save lays
+    it out: tensors by element size (largest first, so every offset stays aligned) then name, the header
+    padded with spaces to a multiple of 8."""
+    tensors = sorted(((k, v.detach().contiguous().cpu()) for k, v in sd.items()), key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors:
+        if t.dtype not in _ST_DTYPES:
+            raise AdapterFormatError(f"tensor {name!r}: dtype {t.dtype} cannot be written to safetensors")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    yield len(raw).to_bytes(8, "little") + raw
+    for _, t in tensors:
+        if t.numel():
+            yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def split_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor], list[str]]:

@@ -221,7 +221,7 @@ class AdapterStore:
             raise _invalid(e) from None
         staged = self.spool()
         try:
-            self.write_spool(staged, [adapter.to_bytes()])
+            self.write_spool(staged, adapter.chunks())  # tensor by tensor, never the whole file in memory
         except BaseException:
             self.discard(staged)
             raise
