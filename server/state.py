@@ -15,7 +15,7 @@ from typing import Any
 from adapters_store.basemodels import BaseModel, load_base
 from adapters_store.store import AdapterStore
 from adapters_store.validate import Limits
-from server.common.auth import KeyRing, RateLimiter
+from server.common.auth import FailedKeyLimiter, KeyRing, RateLimiter
 from server.common.config import Settings
 from server.common.errors import Unavailable
 from server.common.logs import event
@@ -42,6 +42,7 @@ class ServerState:
     metrics: Metrics
     keys: KeyRing
     limiter: RateLimiter
+    bad_keys: FailedKeyLimiter
     runtime: Runtime | None = None
     load_error: str | None = None
     draining: bool = False
@@ -52,7 +53,8 @@ class ServerState:
     def create(cls, settings: Settings, metrics: Metrics | None = None, runtime: Runtime | None = None) -> ServerState:
         return cls(settings=settings, metrics=metrics or Metrics(model=settings.base_name),
                    keys=KeyRing(settings.api_keys, settings.admin_keys),
-                   limiter=RateLimiter(settings.rate_limit, settings.rate_burst), runtime=runtime)
+                   limiter=RateLimiter(settings.rate_limit, settings.rate_burst),
+                   bad_keys=FailedKeyLimiter(settings.bad_key_rate, settings.bad_key_burst), runtime=runtime)
 
     def require(self) -> Runtime:
         """The loaded runtime, or 503 while loading / after a failed load / while draining."""

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from server.common.auth import AuthenticationFailed, KeyRing, RateLimiter
+from server.common.auth import AuthenticationFailed, FailedKeyLimiter, KeyRing, RateLimited, RateLimiter
 from tests.util_server import app_client, compiled_bytes, metric, multipart
 
 INFER_A, INFER_B, INFER_PLAIN = "sk-infer-a", "sk-infer-b", "sk-infer-plain"
@@ -39,7 +39,7 @@ def srv(tmp_path_factory):
     logger.setLevel(logging.INFO)
     with app_client("tiny-llama", tmp_path_factory.mktemp("store"),
                     api_keys=(f"{INFER_A}:tenantA", f"{INFER_B}:tenantB", INFER_PLAIN),
-                    admin_keys=(ADMIN, f"{ADMIN_A}:tenantA")) as (client, state):
+                    admin_keys=(ADMIN, f"{ADMIN_A}:tenantA"), bad_key_burst=100_000) as (client, state):
         client.captured = captured
         yield client, state
     logger.removeHandler(captured)
@@ -160,3 +160,60 @@ def test_token_bucket_refills_at_the_rate():
     now[0] += 0.5
     assert rl.take("a") is None and rl.take("b") is None
     assert RateLimiter(0).take("a") is None
+
+
+def test_a_key_with_an_empty_tenant_is_refused_at_start():  # row 42
+    from server.common.config import Settings, check
+
+    with pytest.raises(ValueError, match="empty tenant"):
+        KeyRing(admin_keys=("root:",))
+    with pytest.raises(ValueError, match="empty tenant"):
+        check(Settings(admin_keys=("root: ",)))
+    check(Settings(admin_keys=("root", "k:t")))
+
+
+def test_bad_keys_are_rate_limited_per_address_before_any_compare(tmp_path):  # row 42
+    with app_client("tiny-llama", tmp_path, api_keys=("good",), bad_key_rate=0.5, bad_key_burst=3) as (client, state):
+        assert [client.get("/v1/models", headers=auth("guess")).status_code for _ in range(3)] == [401] * 3
+        r = client.get("/v1/models", headers=auth("good"))  # the address is locked out, good key or not
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert client.get("/health").status_code == 200
+        assert metric(state.metrics.render().decode(), "rankserve_requests_rejected_total", reason="auth") == 3
+
+
+def test_failed_key_limiter_refills():
+    now = [0.0]
+    lim = FailedKeyLimiter(rate=1.0, burst=2, clock=lambda: now[0])
+    lim.check("a")
+    lim.failed("a")
+    lim.failed("a")
+    with pytest.raises(RateLimited):
+        lim.check("a")
+    lim.check("b")
+    now[0] += 1.0
+    lim.check("a")
+    FailedKeyLimiter(rate=0).check("a")
+
+
+def test_a_bad_key_is_answered_before_the_body_is_read(tmp_path):  # row 42
+    import asyncio
+
+    from server.api.app import create_app
+    from server.common.config import Settings
+
+    app = create_app(Settings(model="tiny-llama", store=str(tmp_path), api_keys=("good",)))
+    reads, sent = [], []
+
+    async def receive():
+        reads.append(1)
+        await asyncio.sleep(3600)  # a client that never sends its (large) body
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "headers": [(b"authorization", b"Bearer nope"), (b"content-length", b"1000000")],
+             "client": ("10.0.0.9", 5555), "server": ("127.0.0.1", 8000), "scheme": "http", "root_path": "",
+             "http_version": "1.1", "app": app}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 5))
+    assert not reads and sent[0]["status"] == 401

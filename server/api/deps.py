@@ -25,8 +25,10 @@ async def inference_principal(request: Request,
                               credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
     """401 for a missing or bad key, then 429 when this key's bucket is empty (other keys unaffected)."""
     state = get_state(request)
-    principal = state.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
-    request.state.principal = principal  # the access log records principal.key_id, never the key
+    principal = getattr(request.state, "principal", None)  # checked by the edge middleware before the body
+    if principal is None:
+        principal = state.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        request.state.principal = principal  # the access log records principal.key_id, never the key
     bucket = principal.key_id if state.keys.enabled else f"addr-{request.client.host if request.client else '-'}"
     state.limiter.check(bucket)
     return principal

@@ -201,6 +201,9 @@ class EdgeMiddleware:
                 await json_error(503, error_payload(503, "the server is draining (shutting down)", code="unavailable"),
                                  retry_after=5)(scope, receive, send_with_id)
                 return
+            if not probe and state.keys.enabled and not await self._authenticate(scope, headers, receive,
+                                                                                  send_with_id):
+                return  # 401 or 429 before a byte of the body is read (RELIABILITY row 42)
             if method in ("POST", "PUT", "PATCH") and (method, path) != UPLOAD_ROUTE:
                 try:
                     receive = await self._read_body(headers, receive)
@@ -228,6 +231,25 @@ class EdgeMiddleware:
                 event("request", method=method, endpoint=endpoint, status=status[0],
                       duration_ms=round(elapsed * 1000, 2), key_id=getattr(principal, "key_id", None))
             request_id_var.reset(token)
+
+    async def _authenticate(self, scope: Scope, headers: dict[bytes, bytes], receive: Receive, send: Send) -> bool:
+        """The key, checked before the body is read; the principal is kept for the route's dependency. An
+        address that sent too many bad keys gets 429 before any key is compared."""
+        state = self.state
+        address = (scope.get("client") or ("-",))[0]
+        try:
+            state.bad_keys.check(address)
+            scope["state"]["principal"] = state.keys.authenticate(
+                headers.get(b"authorization", b"").decode("latin-1") or None,
+                headers.get(b"x-api-key", b"").decode("latin-1") or None)
+            return True
+        except (AuthenticationFailed, RateLimited) as e:
+            if isinstance(e, AuthenticationFailed):
+                state.bad_keys.failed(address)
+            status, payload, retry_after = describe_error(e)
+            state.metrics.rejected.labels(reason=reject_reason(e, status)).inc()
+            await json_error(status, payload, retry_after)(scope, receive, send)
+            return False
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> Receive | None:
         """Read the whole (small, JSON) body under the cap, stopping at the first byte over it; replay it."""

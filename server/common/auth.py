@@ -64,9 +64,14 @@ class _Entry:
 
 
 def parse_key(spec: str, admin: bool) -> tuple[str, Principal]:
-    key, _, tenant = spec.partition(":")
+    """``KEY`` (no tenant) or ``KEY:TENANT``. ``KEY:`` is refused: an empty tenant would silently make the
+    key a global one (an admin key would then see and delete every tenant's adapters)."""
+    key, sep, tenant = spec.partition(":")
     if not key:
         raise ValueError("an API key may not be empty")
+    if sep and not tenant.strip():
+        raise ValueError(f"API key {key_id(key)} is given as KEY: with an empty tenant; write KEY for a key "
+                         "without a tenant, or KEY:TENANT")
     return key, Principal(key_id(key), tenant or None, admin)
 
 
@@ -111,6 +116,24 @@ class KeyRing:
             raise PermissionDenied(f"uploading and deleting adapters need an admin key; {why}")
 
 
+class FailedKeyLimiter:
+    """Bad keys cost the caller: after ``burst`` failed attempts from one client address, further requests
+    from it get 429 at ``rate`` per second, before any key is compared (a brute force gains nothing)."""
+
+    def __init__(self, rate: float = 1.0, burst: int = 20, clock=time.monotonic):
+        self.bucket = RateLimiter(rate, burst, clock)  # rate 0: off
+
+    def check(self, address: str) -> None:
+        """429 while this address has no failed attempts left (nothing is taken)."""
+        wait = self.bucket.peek(address)
+        if wait is not None:
+            raise RateLimited(f"too many requests with a bad API key from this address; retry in {wait:.1f} s",
+                              retry_after=wait)
+
+    def failed(self, address: str) -> None:
+        self.bucket.take(address)
+
+
 class RateLimiter:
     """Token bucket per key: ``rate`` requests per second, at most ``burst`` at once."""
 
@@ -142,6 +165,16 @@ class RateLimiter:
             if len(self._buckets) > self.MAX_BUCKETS:  # anonymous callers are keyed by address: bound it
                 self._prune(now)
             return (1.0 - tokens) / self.rate
+
+    def peek(self, key: str) -> float | None:
+        """Like ``take`` without taking: None if a token is there, else the seconds until one is."""
+        if not self.enabled:
+            return None
+        now = self.clock()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        return None if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
     def _prune(self, now: float) -> None:
         full_after = self.burst / self.rate

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from server.common.auth import parse_key
+
 MiB = 1 << 20
 
 
@@ -70,6 +72,8 @@ class Settings:
     unhealthy_exit_after: float = 2.0  # dead or hung engine: exit 1 this many seconds later; < 0 = never
     rate_limit: float = 0.0  # requests per second per key (token bucket); 0 = off
     rate_burst: int = 0  # bucket size; 0 = max(1, rate_limit)
+    bad_key_rate: float = 1.0  # failed-key attempts per second per client address once the burst is used; 0 = off
+    bad_key_burst: int = 20
     merge: bool = False  # fold the single running adapter into W0 (merge mode)
     demo_adapters: bool = False
     log_level: str = "info"
@@ -119,6 +123,9 @@ _HELP = {
                             "supervisor restarts it (requests get an error first); negative = never exit",
     "rate_limit": "requests per second per API key (0 = off)",
     "rate_burst": "rate-limit bucket size (default max(1, rate))",
+    "bad_key_rate": "failed API-key attempts per second allowed per client address after --bad-key-burst; "
+                    "beyond it 429 before any key is compared (0 = off)",
+    "bad_key_burst": "failed API-key attempts per client address before --bad-key-rate applies",
     "merge": "merge the single running adapter into the base weights",
     "demo_adapters": "put two synthetic demo adapters into the store at start if absent",
     "log_level": "debug | info | warning | error",
@@ -197,8 +204,15 @@ def check(s: Settings) -> None:
     for name in ("request_timeout", "drain_timeout", "hang_timeout", "stream_write_timeout", "slot_wait"):
         if getattr(s, name) <= 0:
             problems.append(f"{_flag(name)} must be > 0 seconds, got {getattr(s, name)}")
+    for spec in (*s.api_keys, *s.admin_keys):
+        try:
+            parse_key(spec, admin=False)
+        except ValueError as e:
+            problems.append(f"--api-key/--admin-key: {e}")
     if s.rate_limit < 0 or s.rate_burst < 0:
         problems.append("--rate-limit and --rate-burst must be >= 0")
+    if s.bad_key_rate < 0 or s.bad_key_burst < 0:
+        problems.append("--bad-key-rate and --bad-key-burst must be >= 0")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"--log-level {s.log_level!r} is not one of debug, info, warning, error")
     if problems:
