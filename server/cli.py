@@ -80,12 +80,14 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: Settings) -> int:
     from server.api.app import create_app
+    from server.api.transport import guarded_h11
 
     setup_logging(settings.log_level)
     holder: list[DrainingServer] = []
     app = create_app(settings, on_load_failure=lambda: holder[0].fail())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=1, log_level=settings.log_level.lower())
+                            lifespan="on", timeout_graceful_shutdown=1, log_level=settings.log_level.lower(),
+                            http=guarded_h11(settings.header_timeout), limit_concurrency=settings.limit_concurrency)
     server = DrainingServer(config, app.state.rankserve, settings.drain_timeout)
     holder.append(server)
     if settings.unhealthy_exit_after >= 0:

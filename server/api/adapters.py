@@ -27,7 +27,7 @@ from server.state import ServerState
 
 router = APIRouter(tags=["adapters"])
 HIDDEN_FIELDS = {"path"}  # server paths stay private
-_UPLOAD_RESULTS = {409: "conflict", 413: "too_large", 415: "unsupported", 507: "disk_full"}
+_UPLOAD_RESULTS = {408: "timeout", 409: "conflict", 413: "too_large", 415: "unsupported", 507: "disk_full"}
 
 
 def record_json(record) -> dict:
@@ -108,7 +108,8 @@ async def upload_adapter(request: Request, principal: Principal = Depends(admin_
     store = state.require().store  # file parts are spooled into its staging area
     try:
         try:
-            upload = await receive_upload(request, state.settings.max_upload_bytes, store, _early_checks(state))
+            upload = await receive_upload(request, state.settings.max_upload_bytes, store, _early_checks(state),
+                                          idle_timeout=state.settings.body_timeout)
         except ClientGone:
             metrics.adapter_uploads.labels(result="aborted").inc()
             event("upload aborted: client disconnected", logging.WARNING)

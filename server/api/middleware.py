@@ -8,6 +8,7 @@ the scope), never the raw path, which would carry adapter ids (unbounded cardina
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ _STORE_PARAMS = {"InvalidAdapterId": "adapter_id", "AdapterExists": "adapter_id"
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|[a-z]+\[.*\]|function-.*|[A-Z]\w*)$")  # pydantic's union branch names
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _STATUS_CODES = {400: "bad_request", 401: "invalid_api_key", 403: "insufficient_permissions", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+                 405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "payload_too_large",
                  415: "unsupported_media_type", 422: "invalid_parameter", 429: "rate_limit_exceeded",
                  500: "internal_error", 503: "unavailable", 504: "deadline_exceeded", 507: "insufficient_storage"}
 
@@ -44,6 +45,12 @@ class BodyTooLarge(ServingError):
     http_status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class BodyTimeout(ServingError):
+    http_status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 def error_payload(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -207,9 +214,9 @@ class EdgeMiddleware:
             if method in ("POST", "PUT", "PATCH") and (method, path) != UPLOAD_ROUTE:
                 try:
                     receive = await self._read_body(headers, receive)
-                except BodyTooLarge as e:
+                except (BodyTooLarge, BodyTimeout) as e:
                     metrics.rejected.labels(reason="validation").inc()
-                    await json_error(413, describe_error(e)[1])(scope, receive, send_with_id)
+                    await json_error(e.http_status, describe_error(e)[1])(scope, receive, send_with_id)
                     return
                 if receive is None:  # the client left while sending its body
                     return
@@ -259,8 +266,12 @@ class EdgeMiddleware:
             raise BodyTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes "
                                "(--max-body-bytes)")
         chunks, size = [], 0
+        timeout = self.state.settings.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(f"the request body did not arrive within {timeout:g} s (--body-timeout)") from None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")

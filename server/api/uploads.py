@@ -12,6 +12,7 @@ of spooled files plus the small text fields; the route hands them to the store.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ class UploadTooLarge(ServingError):
     http_status = 413
     type = "invalid_request_error"
     code = "upload_too_large"
+
+
+class UploadTimeout(ServingError):
+    http_status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class UnsupportedUpload(ServingError):
@@ -177,9 +184,10 @@ class _Parts:
 
 
 async def receive_upload(request: Request, cap: int, spooler: Spooler,
-                         check_field: Callable[[str, str], None] | None = None) -> Upload:
+                         check_field: Callable[[str, str], None] | None = None, idle_timeout: float = 30.0) -> Upload:
     """Stream the multipart body into the spooler's files under ``cap`` bytes; on any failure nothing is left
-    behind. ``check_field(name, value)`` runs as each text field completes, so a bad id stops the upload early."""
+    behind. ``check_field(name, value)`` runs as each text field completes, so a bad id stops the upload early.
+    A client that sends nothing for ``idle_timeout`` seconds gets 408 (it would hold a spool file forever)."""
     ctype, options = parse_options_header(request.headers.get("content-type"))
     boundary = options.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
@@ -193,8 +201,16 @@ async def receive_upload(request: Request, cap: int, spooler: Spooler,
     except (FormParserError, ValueError) as e:
         raise UnsupportedUpload(f"bad multipart boundary: {e}") from None
     received = 0
+    stream = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), idle_timeout)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise UploadTimeout(f"the upload stalled: nothing arrived for {idle_timeout:g} s "
+                                    "(--body-timeout)") from None
             received += len(chunk)
             if received > cap:
                 raise UploadTooLarge(f"upload exceeds the limit of {cap} bytes (--max-upload-bytes)")

@@ -68,6 +68,9 @@ class Settings:
     request_timeout: float = 600.0  # seconds from arrival to the last token
     drain_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
     stream_write_timeout: float = 30.0  # a streaming client that reads nothing this long is cut off
+    header_timeout: float = 10.0  # a request head (line + headers) must arrive within this
+    body_timeout: float = 30.0  # longest wait for the next piece of a request body or upload (408)
+    limit_concurrency: int = 2048  # open connections + in-flight requests before 503 (uvicorn's limit)
     hang_timeout: float = 120.0  # one engine step longer than this: the engine is hung (health 503)
     unhealthy_exit_after: float = 2.0  # dead or hung engine: exit 1 this many seconds later; < 0 = never
     rate_limit: float = 0.0  # requests per second per key (token bucket); 0 = off
@@ -118,6 +121,9 @@ _HELP = {
     "drain_timeout": "seconds in-flight requests get to finish after SIGTERM",
     "stream_write_timeout": "seconds a stream may wait on a client that reads nothing before the request is "
                             "aborted",
+    "header_timeout": "seconds a client has to send a request's line and headers (slow clients are closed)",
+    "body_timeout": "seconds the server waits for the next piece of a request body or upload before 408",
+    "limit_concurrency": "concurrent connections and requests before the server answers 503",
     "hang_timeout": "seconds one engine step may run before the engine counts as hung (health 503)",
     "unhealthy_exit_after": "seconds after the engine dies or hangs before the process exits 1 so its "
                             "supervisor restarts it (requests get an error first); negative = never exit",
@@ -193,7 +199,7 @@ def settings_from(args: argparse.Namespace | None = None, env: dict[str, str] | 
 def check(s: Settings) -> None:
     problems = []
     for name in ("max_queue", "max_running", "max_batch_tokens", "max_slots", "max_rank", "max_model_len",
-                 "max_upload_bytes", "max_body_bytes", "kv_block_size"):
+                 "max_upload_bytes", "max_body_bytes", "kv_block_size", "limit_concurrency"):
         if getattr(s, name) < 1:
             problems.append(f"{_flag(name)} must be positive, got {getattr(s, name)}")
     for name in ("port", "kv_cache_bytes", "cpu_cache_bytes"):  # 0: any free port / sized from the machine
@@ -201,7 +207,8 @@ def check(s: Settings) -> None:
             problems.append(f"{_flag(name)} must be >= 0, got {getattr(s, name)}")
     if not 0 < s.gpu_memory_utilization <= 1:
         problems.append(f"--gpu-memory-utilization must be in (0, 1], got {s.gpu_memory_utilization}")
-    for name in ("request_timeout", "drain_timeout", "hang_timeout", "stream_write_timeout", "slot_wait"):
+    for name in ("request_timeout", "drain_timeout", "hang_timeout", "stream_write_timeout", "slot_wait",
+                 "header_timeout", "body_timeout"):
         if getattr(s, name) <= 0:
             problems.append(f"{_flag(name)} must be > 0 seconds, got {getattr(s, name)}")
     for spec in (*s.api_keys, *s.admin_keys):
