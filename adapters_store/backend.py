@@ -2,9 +2,11 @@
 
 Layout of ``LocalDirBackend``::
 
-    root/adapters/<id>/adapter.safetensors   the uploaded bytes, never rewritten
-    root/adapters/<id>/record.json           the store's record (owner included), published with the file
+    root/adapters/<key>/adapter.safetensors  the uploaded bytes, never rewritten
+    root/adapters/<key>/record.json          the store's record (owner included), published with the file
     root/tmp/<random>.d/                     uploads being streamed, and deletions being cleaned up
+
+``<key>`` is the storage key (tenancy.py): a public adapter's plain id, or ``t<hex>~<id>`` for a tenant's.
 
 An upload streams into ``tmp/<random>.d/`` (the HTTP server spools multipart file parts there directly,
 so they are on the store's file system and never copied), is fsynced and hashed, is validated from that
@@ -75,7 +77,9 @@ class Backend(Protocol):
     def remove(self, adapter_id: str, check: Callable[[], None] | None = None) -> None:
         """FileNotFoundError when absent. ``check`` runs after the id is found and before it is removed, in
         one atomic step with the removal; it may raise to refuse, and then nothing is removed."""
-    def ids(self) -> list[str]: ...
+    def move(self, src: str, dst: str) -> None:
+        """Rename an adapter to another key (FileNotFoundError: src absent; FileExistsError: dst taken)."""
+    def ids(self) -> list[str]: ...  # every key
     def listing_token(self) -> str | None:
         """Equal tokens guarantee ids() is unchanged (None: unknown, rescan)."""
     def recover(self) -> list[str]: ...  # drop what dead writers left; returns what was removed
@@ -228,6 +232,25 @@ class LocalDirBackend:
         finally:
             os.close(fd)  # releases the flock
         shutil.rmtree(gone, ignore_errors=True)
+
+    def move(self, src: str, dst: str) -> None:
+        """Under the removal lock, so no removal checks one key while the adapter changes keys."""
+        fd = os.open(self.adapters, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self.version(src) is None:
+                raise FileNotFoundError(src)
+            if os.path.lexists(self.adapters / dst):
+                raise FileExistsError(dst)
+            try:
+                os.rename(self.adapters / src, self.adapters / dst)
+            except OSError as e:  # a publish took dst after the check above
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise FileExistsError(dst) from None
+                raise
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def ids(self) -> list[str]:
         return sorted(os.listdir(self.adapters))

@@ -3,11 +3,13 @@
     rankserve adapters push ID FILE.safetensors    --store DIR [--base NAME]  |  --server URL [--api-key K]
     rankserve adapters import-peft ID PEFT_DIR     --store DIR --model NAME   |  --server URL (the server converts)
     rankserve adapters list [--owner O] [--json]
-    rankserve adapters rm ID
-    rankserve adapters inspect ID|FILE [--base NAME]
+    rankserve adapters rm ID [--owner O]
+    rankserve adapters inspect ID|FILE [--base NAME] [--owner O]
 
 ``--store`` defaults to $RANKSERVE_STORE and ``--api-key`` to $RANKSERVE_API_KEY. Records and inspections
-print as JSON on stdout; errors print on stderr with exit status 1 (2 for usage errors).
+print as JSON on stdout; errors print on stderr with exit status 1 (2 for usage errors). Ids are namespaced
+per tenant: ``--owner O`` on push/import-peft stores into tenant O's namespace, and on rm/inspect addresses
+O's adapter (against a server: ``?owner=O``, for a global admin key); without it, the public adapter.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import quote
 
 from adapters_store.format import AdapterFormatError, AdapterMeta, read_header
 from adapters_store.peft_import import CONFIG, WEIGHTS
@@ -123,12 +126,16 @@ def cmd_list(args: argparse.Namespace) -> None:
         print(f"{r['id']:32} {r['method']:8} {r['task']:9} {span:>9} {r['size']:>11} {r.get('owner') or '-'}")
 
 
+def _adapter_path(adapter_id: str, owner: str | None) -> str:
+    return f"/v1/adapters/{quote(adapter_id, safe='')}" + (f"?owner={quote(owner, safe='')}" if owner else "")
+
+
 def cmd_rm(args: argparse.Namespace) -> None:
     if args.server:
-        _print(_http(args, "DELETE", f"/v1/adapters/{args.id}"))
+        _print(_http(args, "DELETE", _adapter_path(args.id, args.owner)))
         return
-    _store(args).delete(args.id)
-    _print({"id": args.id, "deleted": True})
+    _store(args).delete(args.id, owner=args.owner)
+    _print({"id": args.id, "owner": args.owner, "deleted": True})
 
 
 def inspect_file(path: Path, base_name: str | None) -> dict:
@@ -157,12 +164,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if path.is_file():
         _print(inspect_file(path, args.base))
     elif args.server:
-        _print(_http(args, "GET", f"/v1/adapters/{args.target}"))
+        _print(_http(args, "GET", _adapter_path(args.target, args.owner)))
     else:
         store = _store(args)
-        out = store.get(args.target).to_dict()
+        out = store.get(args.target, owner=args.owner).to_dict()
         if args.base:
-            store.load(args.target, base=_base(args.base))
+            store.load(args.target, base=_base(args.base), owner=args.owner)
             out["valid_for"] = args.base
         _print(out)
 
@@ -196,10 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_list)
     p = sub.add_parser("rm", parents=[where], help="delete an adapter")
     p.add_argument("id")
+    p.add_argument("--owner", help="the tenant whose adapter it is (default: the public one)")
     p.set_defaults(fn=cmd_rm)
     p = sub.add_parser("inspect", parents=[where], help="print a record, or a file's metadata and ranks")
     p.add_argument("target", help="an adapter id, or a .safetensors file")
     p.add_argument("--base", help="also validate against this base model")
+    p.add_argument("--owner", help="the tenant whose adapter it is (default: the public one)")
     p.set_defaults(fn=cmd_inspect)
     return parser
 

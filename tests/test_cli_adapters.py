@@ -41,14 +41,16 @@ def test_local_push_list_inspect_rm(tmp_path, capsys, adapter_file, tiny_llama):
     assert code == 0 and [r["id"] for r in json.loads(out)] == ["my-ada"]
     code, out, _ = run(capsys, "list", "--store", store)
     assert code == 0 and "my-ada" in out and "adalora" in out
-    code, out, _ = run(capsys, "inspect", "my-ada", "--store", store, "--base", "tiny-llama")
+    code, out, _ = run(capsys, "inspect", "my-ada", "--store", store, "--base", "tiny-llama", "--owner", "t1")
     assert code == 0 and json.loads(out)["digest"] == rec["digest"] and json.loads(out)["valid_for"] == "tiny-llama"
     code, out, _ = run(capsys, "inspect", str(adapter_file))
     info = json.loads(out)
     assert code == 0 and info["digest"] == rec["digest"] and info["metadata"]["method"] == "adalora"
     assert info["ranks"] == rec["ranks"] and all(r > 0 for r in info["ranks"].values())
     assert info["tensors"][next(iter(info["ranks"]))]["lora_a"]["dtype"] == "F32"
-    code, out, _ = run(capsys, "rm", "my-ada", "--store", store)
+    code, _, err = run(capsys, "rm", "my-ada", "--store", store)  # the public namespace has no my-ada
+    assert code == 1 and "does not exist" in err
+    code, out, _ = run(capsys, "rm", "my-ada", "--store", store, "--owner", "t1")
     assert code == 0 and json.loads(out)["deleted"] is True
     assert AdapterStore(store).list() == []
 

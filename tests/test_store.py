@@ -29,6 +29,7 @@ from adapters_store.store import (
     InvalidAdapter,
     InvalidAdapterId,
     StoreFull,
+    storage_key,
 )
 from adapters_store.synth import random_adapter
 from adapters_store.validate import Limits
@@ -61,21 +62,21 @@ def test_put_get_load_list_delete(tmp_path, tiny_llama, blobs):
     assert rec.base_fingerprint == tiny_llama.fingerprint and rec.ranks == {p: 3 for p in tiny_llama.targets}
     c = store.put("cls.v2", blobs["cls"])
     assert c.task == "classify" and c.labels == ["a", "b"] and c.owner is None
-    assert store.get("ada-1") == rec
-    assert store.read_bytes("ada-1") == blobs["dora"]
-    loaded = store.load("ada-1", base=tiny_llama)
+    assert store.get("ada-1", owner="alice") == rec  # alice's adapter lives in alice's namespace
+    assert store.read_bytes("ada-1", owner="alice") == blobs["dora"]
+    loaded = store.load("ada-1", base=tiny_llama, owner="alice")
     assert set(loaded.modules) == set(tiny_llama.targets) and loaded.meta.method == "dora"
     assert [r.id for r in store.list()] == ["ada-1", "cls.v2"]
     assert [r.id for r in store.list(owner="bob")] == ["cls.v2"]  # public ones plus bob's own
     assert [r.id for r in store.list(owner="alice")] == ["ada-1", "cls.v2"]
-    assert "ada-1" in store and "nope" not in store and "../x" not in store
-    store.delete("ada-1")
+    assert store.exists("ada-1", owner="alice") and "nope" not in store and "../x" not in store
+    store.delete("ada-1", owner="alice")
     with pytest.raises(AdapterNotFound):
-        store.get("ada-1")
+        store.get("ada-1", owner="alice")
     with pytest.raises(AdapterNotFound):
-        store.load("ada-1")
+        store.load("ada-1", owner="alice")
     with pytest.raises(AdapterNotFound):
-        store.delete("ada-1")
+        store.delete("ada-1", owner="alice")
     assert [r.id for r in store.list()] == ["cls.v2"]
 
 
@@ -267,14 +268,16 @@ def test_restart_rebuilds_the_index_without_reading_tensors(tmp_path, blobs, mon
 
 def test_sidecar_miss_is_rebuilt_from_the_header(tmp_path, blobs):
     store = AdapterStore(tmp_path)
-    rec = store.put("x", blobs["dora"], owner="alice")
+    rec = store.put("x", blobs["dora"])
     (tmp_path / "adapters" / "x" / "record.json").unlink()
     again = AdapterStore(tmp_path).get("x")
     assert again.digest == rec.digest and again.ranks == rec.ranks and again.owner is None
     assert (tmp_path / "adapters" / "x" / "record.json").exists()
-    # A corrupt record keeps its owner when it still parses as JSON.
-    (tmp_path / "adapters" / "x" / "record.json").write_text('{"owner": "alice"}')
-    assert AdapterStore(tmp_path).get("x").owner == "alice"
+    # A corrupt record keeps its owner when it still parses as JSON (a tenant's adapter: in its namespace).
+    key = storage_key("x", "alice")
+    store.put("x", blobs["dora"], owner="alice")
+    (tmp_path / "adapters" / key / "record.json").write_text('{"owner": "alice"}')
+    assert AdapterStore(tmp_path).get("x", owner="alice").owner == "alice"
 
 
 def test_half_written_state_is_cleaned_on_start(tmp_path, blobs):
