@@ -97,7 +97,8 @@ def test_another_tenants_adapter_is_404(srv, tiny_llama):  # row 13
         assert "secret-a" not in {m["id"] for m in client.get("/v1/models", headers=auth(key)).json()["data"]}
         assert "secret-a" not in {a["id"] for a in client.get("/v1/adapters", headers=auth(key)).json()["data"]}
     assert "secret-a" in {m["id"] for m in client.get("/v1/models", headers=auth(INFER_A)).json()["data"]}
-    assert client.get("/v1/adapters/secret-a", headers=auth(ADMIN)).status_code == 200  # global admin sees all
+    assert client.get("/v1/adapters/secret-a", headers=auth(ADMIN)).status_code == 404  # not a public adapter
+    assert client.get("/v1/adapters/secret-a?owner=tenantA", headers=auth(ADMIN)).status_code == 200  # row 40
     assert client.delete("/v1/adapters/secret-a", headers=auth(ADMIN_A)).status_code == 200
     assert complete(client, INFER_A, "secret-a").status_code == 404
 

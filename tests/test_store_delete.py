@@ -42,16 +42,16 @@ def test_delete_fsyncs_the_adapters_directory_after_the_rename(tmp_path, blobs, 
 def test_delete_with_an_expected_record_refuses_another_version(tmp_path, blobs):
     store = AdapterStore(tmp_path)
     checked = store.put("x", blobs[0], owner="alice")
-    store.delete("x")
-    now = store.put("x", blobs[0], owner="bob")  # same bytes, another owner
+    store.delete("x", owner="alice")
+    now = store.put("x", blobs[0])  # same bytes, another owner (public)
     with pytest.raises(AdapterNotFound, match="does not exist"):
         store.delete("x", expect=checked)
     assert store.get("x") == now and store.read_bytes("x") == blobs[0]
     other = store.put("y", blobs[1], owner="alice")
-    store.delete("y")
+    store.delete("y", owner="alice")
     store.put("y", blobs[0], owner="alice")  # same owner, another digest
     with pytest.raises(AdapterNotFound):
-        store.delete("y", expect=other)
+        store.delete("y", expect=other, owner="alice")
     store.delete("x", expect=now)
     assert "x" not in store and [r.id for r in store.list()] == ["y"]
 
@@ -60,7 +60,7 @@ def test_a_check_in_progress_holds_off_every_other_removal(tmp_path, blobs):
     """While one delete sits between its check and its removal, a second delete of the id waits for it (and
     then finds nothing), so no re-upload can slip in between the first delete's check and its removal."""
     store = AdapterStore(tmp_path)
-    rec = store.put("z", blobs[0], owner="alice")
+    rec = store.put("z", blobs[0])
     in_check, go_on = threading.Event(), threading.Event()
     real_cached = store._cached
 
@@ -94,26 +94,29 @@ def test_a_check_in_progress_holds_off_every_other_removal(tmp_path, blobs):
 
 def test_http_delete_never_removes_a_version_uploaded_after_its_check(tmp_path, tiny_llama, blobs):
     """Tenant A deletes its adapter; between the route's permission check and the removal, the id is deleted
-    and re-uploaded by tenant B. A's delete must answer 404 and leave B's adapter in place."""
+    and re-uploaded (another version). A's delete must answer 404 and leave the new version in place; tenant
+    B's adapter of the same id, in B's own namespace, is untouched throughout."""
     with app_client("tiny-llama", tmp_path / "store", admin_keys=(f"{ADMIN_A}:tenantA", f"{ADMIN_B}:tenantB")) as (
             client, state):
         store = state.runtime.store
         r = client.post("/v1/adapters", headers={"Authorization": f"Bearer {ADMIN_A}"},
                         **multipart("shared", {"a.safetensors": blobs[0]}))
         assert r.status_code == 201 and r.json()["owner"] == "tenantA"
+        theirs = store.put("shared", blobs[0], owner="tenantB", base=tiny_llama)
         real_get = store.get
         swapped = []
 
-        def get_then_swap(adapter_id):
-            record = real_get(adapter_id)
-            if not swapped:  # the route has its record: now the id changes hands
+        def get_then_swap(key):
+            record = real_get(key)
+            if not swapped:  # the route has its record: now the id gets another version
                 swapped.append(True)
-                store.delete(adapter_id)
-                store.put(adapter_id, blobs[1], owner="tenantB", base=tiny_llama)
+                store.delete(key)
+                store.put("shared", blobs[1], owner="tenantA", base=tiny_llama)
             return record
 
         store.get = get_then_swap
         r = client.delete("/v1/adapters/shared", headers={"Authorization": f"Bearer {ADMIN_A}"})
         store.get = real_get
         assert swapped and r.status_code == 404, r.text
-        assert store.get("shared").owner == "tenantB" and store.read_bytes("shared") == blobs[1]
+        assert store.read_bytes("shared", owner="tenantA") == blobs[1]
+        assert store.get("shared", owner="tenantB") == theirs

@@ -3,7 +3,14 @@
 An upload is one compiled ``*.safetensors`` file or a PEFT pair (``adapter_config.json`` +
 ``adapter_model.safetensors``), told apart by file name. Parsing, PEFT conversion, validation against
 the resident base and the store's atomic write all run in a threadpool; the adapter becomes visible
-only once the store has renamed it into place. Adapters of one tenant are 404 to every other tenant.
+only once the store has renamed it into place.
+
+Ids are namespaced per tenant (adapters_store/tenancy.py): what a tenant admin uploads lands in its own
+namespace, so another tenant's id is neither taken nor revealed; a tenant's lookup finds its own adapter,
+then a public one, and never another tenant's, so that answers exactly as a missing id does. A global
+admin addresses a tenant's adapter with ``?owner=TENANT``. Tenant uploads are held to the quotas
+(--tenant-max-adapters, --tenant-max-bytes), checked as soon as the id, then each file chunk, is known,
+and again just before the store publishes.
 """
 
 from __future__ import annotations
@@ -16,12 +23,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from adapters_store.store import AdapterExists, check_id
+from adapters_store.store import AdapterExists, AdapterRecord, Quota, QuotaExceeded, Usage, check_id
 from server.api.deps import ERROR_RESPONSES, admin_principal, get_state, inference_principal
 from server.api.middleware import describe_error
-from server.api.uploads import CONFIG, WEIGHTS, ClientGone, Upload, receive_upload
+from server.api.uploads import CONFIG, WEIGHTS, ClientGone, SpooledFile, Upload, receive_upload
 from server.common.auth import PermissionDenied, Principal
-from server.common.errors import BadRequest, InvalidParameter, UnknownAdapter
+from server.common.errors import BadRequest, InvalidParameter
 from server.common.logs import event
 from server.state import ServerState
 
@@ -42,12 +49,26 @@ def _owner_of(principal: Principal) -> str | None:
     return principal.tenant  # a global admin uploads public adapters
 
 
-def _visible(state: ServerState, adapter_id: str, principal: Principal):
-    """The record, or 404 when absent or another tenant's (the same answer, so ids do not leak)."""
-    record = state.require().store.get(adapter_id)
-    if not principal.can_see(record.owner):
-        raise UnknownAdapter(f"adapter {adapter_id!r} does not exist", param="adapter_id")
-    return record
+def _quota(state: ServerState, owner: str | None) -> Quota | None:
+    s = state.settings
+    if owner is None or not (s.tenant_max_adapters or s.tenant_max_bytes):
+        return None  # public uploads (global admins) have no quota
+    return Quota(s.tenant_max_adapters, s.tenant_max_bytes)
+
+
+def _lookup(state: ServerState, adapter_id: str, principal: Principal, owner: str | None) -> AdapterRecord:
+    """What ``adapter_id`` names for the caller: a tenant's own adapter, else the public one; a global admin's
+    public one, or with ``owner`` that tenant's. Another tenant's adapter is never looked at, so it answers
+    exactly as a missing one (AdapterNotFound: same status, code, message and param)."""
+    store = state.require().store
+    if owner is None:
+        return store.resolve(adapter_id, principal.tenant)
+    if not principal.admin or principal.tenant is not None:  # independent of the id: reveals nothing
+        raise PermissionDenied("owner: only a global admin key (one without a tenant) may name an owner",
+                               param="owner")
+    if not owner:
+        raise InvalidParameter("owner: a tenant name, or leave it out for public adapters", param="owner")
+    return store.get(check_id(adapter_id), owner=owner)
 
 
 def _labels(upload: Upload) -> list[str] | None:
@@ -68,31 +89,48 @@ def _register(state: ServerState, adapter_id: str, upload: Upload, owner: str | 
     place and published by the store (the compiled file by rename: its bytes are never read into memory)."""
     rt = state.require()
     files = {f.filename: f for f in upload.files}
+    quota = _quota(state, owner)
     if set(files) == {CONFIG, WEIGHTS}:
         return rt.store.put_peft(adapter_id, {n: f.path for n, f in files.items()}, rt.base, owner=owner,
-                                 labels=_labels(upload))
+                                 labels=_labels(upload), quota=quota)
     if len(upload.files) == 1 and upload.files[0].filename.endswith(".safetensors"):
-        return rt.store.put_staged(adapter_id, upload.files[0].staged, owner=owner, base=rt.base)
+        return rt.store.put_staged(adapter_id, upload.files[0].staged, owner=owner, base=rt.base, quota=quota)
     names = sorted(f.filename for f in upload.files) or "none"
     raise InvalidParameter(f"files: got {names}; expected one compiled *.safetensors, or the PEFT pair "
                            f"{CONFIG} + {WEIGHTS}", param="files")
 
 
-def _early_checks(state: ServerState):
-    """Run on each form field as soon as it is complete, before the files that follow it are streamed."""
+class _EarlyChecks:
+    """Run while the body streams in: on each form field as soon as it is complete (before the files that
+    follow it), and before each chunk of a file is written. The quota checks here refuse early; the store
+    checks again, exactly, just before publishing."""
 
-    def check(name: str, value: str) -> None:
+    def __init__(self, state: ServerState, owner: str | None):
+        self.state, self.owner, self.quota = state, owner, _quota(state, owner)
+        self._used: Usage | None = None
+
+    def used(self) -> Usage:
+        if self._used is None:  # once per upload, not per chunk
+            self._used = self.state.require().store.usage(self.owner)  # type: ignore[arg-type]
+        return self._used
+
+    def field(self, name: str, value: str) -> None:
         if name != "adapter_id":
             return
         adapter_id = value.strip()
-        if adapter_id in (state.settings.base_name, state.settings.model):
+        if adapter_id in (self.state.settings.base_name, self.state.settings.model):
             raise BadRequest(f"adapter_id {adapter_id!r} is the base model's name", param="adapter_id")
-        store = state.require().store
         check_id(adapter_id)
-        if adapter_id in store:
+        if self.state.require().store.exists(adapter_id, owner=self.owner):  # the uploader's own namespace
             raise AdapterExists(f"adapter {adapter_id!r} already exists; delete it first")
+        if self.quota is not None:
+            self.quota.check_count(self.owner, self.used())  # type: ignore[arg-type]
 
-    return check
+    def file(self, f: SpooledFile, size: int) -> None:
+        """A compiled file is stored as uploaded, so its size counts as it streams; a PEFT pair is converted
+        first (its stored size is known only then)."""
+        if self.quota is not None and f.filename not in (CONFIG, WEIGHTS):
+            self.quota.check_bytes(self.owner, self.used(), size, so_far=True)  # type: ignore[arg-type]
 
 
 @router.post("/v1/adapters", status_code=201, responses=ERROR_RESPONSES | {415: {}, 409: {}},
@@ -106,10 +144,11 @@ async def upload_adapter(request: Request, principal: Principal = Depends(admin_
     state = get_state(request)
     metrics = state.metrics
     store = state.require().store  # file parts are spooled into its staging area
+    checks = _EarlyChecks(state, _owner_of(principal))
     try:
         try:
-            upload = await receive_upload(request, state.settings.max_upload_bytes, store, _early_checks(state),
-                                          idle_timeout=state.settings.body_timeout)
+            upload = await receive_upload(request, state.settings.max_upload_bytes, store, checks.field,
+                                          idle_timeout=state.settings.body_timeout, check_file=checks.file)
         except ClientGone:
             metrics.adapter_uploads.labels(result="aborted").inc()
             event("upload aborted: client disconnected", logging.WARNING)
@@ -123,7 +162,11 @@ async def upload_adapter(request: Request, principal: Principal = Depends(admin_
             upload.cleanup()
     except Exception as e:
         status = describe_error(e)[0]
-        metrics.adapter_uploads.labels(result=_UPLOAD_RESULTS.get(status, "invalid" if status < 500 else "error")).inc()
+        result = _UPLOAD_RESULTS.get(status, "invalid" if status < 500 else "error")
+        if isinstance(e, QuotaExceeded):
+            result = "quota"
+            metrics.adapter_quota_rejections.labels(kind=e.kind).inc()
+        metrics.adapter_uploads.labels(result=result).inc()
         raise
     metrics.adapter_uploads.labels(result="ok").inc()
     state.require().engine.adapter_published(record.digest)  # a failure remembered for these bytes is void
@@ -140,23 +183,28 @@ async def list_adapters(request: Request, principal: Principal = Depends(inferen
 
 
 @router.get("/v1/adapters/{adapter_id}", responses=ERROR_RESPONSES)
-async def get_adapter(adapter_id: str, request: Request, principal: Principal = Depends(inference_principal)):
-    return record_json(await run_in_threadpool(_visible, get_state(request), adapter_id, principal))
+async def get_adapter(adapter_id: str, request: Request, owner: str | None = None,
+                      principal: Principal = Depends(inference_principal)):
+    """One record: the caller's own adapter, else the public one (`owner`: a tenant's, global admins only)."""
+    return record_json(await run_in_threadpool(_lookup, get_state(request), adapter_id, principal, owner))
 
 
 @router.delete("/v1/adapters/{adapter_id}", responses=ERROR_RESPONSES)
-async def delete_adapter(adapter_id: str, request: Request, principal: Principal = Depends(admin_principal)):
-    """Delete (admin key): requests already running finish; new ones get 404."""
+async def delete_adapter(adapter_id: str, request: Request, owner: str | None = None,
+                         principal: Principal = Depends(admin_principal)):
+    """Delete (admin key; `owner`: a tenant's adapter, global admins only): requests already running
+    finish; new ones get 404."""
     state = get_state(request)
 
-    def delete() -> None:
-        record = _visible(state, adapter_id, principal)
+    def delete() -> AdapterRecord:
+        record = _lookup(state, adapter_id, principal, owner)
         if principal.tenant is not None and record.owner != principal.tenant:
             raise PermissionDenied(f"adapter {adapter_id!r} is public; only a global admin key deletes it")
         rt = state.require()
-        rt.store.delete(adapter_id, expect=record)  # only the version checked above (else 404)
+        rt.store.delete(record.id, expect=record, owner=record.owner)  # only the version checked above (else 404)
         rt.engine.forget_adapter(record.digest)  # running requests keep their pinned version
+        return record
 
-    await run_in_threadpool(delete)
-    event("adapter deleted", adapter_id=adapter_id)
-    return {"id": adapter_id, "object": "adapter", "deleted": True}
+    record = await run_in_threadpool(delete)
+    event("adapter deleted", adapter_id=record.id, owner=record.owner)
+    return {"id": record.id, "object": "adapter", "deleted": True}

@@ -93,8 +93,10 @@ class _Parts:
     """python-multipart callbacks -> fields and spooled files. Everything runs in ``feed``, in the
     threadpool: the parser and the writes of file data straight from the received chunk (no copies)."""
 
-    def __init__(self, boundary: bytes, upload: Upload, check_field: Callable[[str, str], None] | None):
+    def __init__(self, boundary: bytes, upload: Upload, check_field: Callable[[str, str], None] | None,
+                 check_file: Callable[[SpooledFile, int], None] | None = None):
         self.check_field = check_field
+        self.check_file = check_file
         self.upload = upload
         self.ended = False
         self._header_field = bytearray()
@@ -160,6 +162,8 @@ class _Parts:
                 what = sniff_refused(f.head)
                 if what is not None:
                     raise UnsupportedUpload(f"{f.filename} holds {what}; refused, never opened", param="files")
+        if self.check_file is not None:  # before the chunk is written: bytes over a quota never reach the disk
+            self.check_file(f, f.size + len(chunk))
         f.size += len(chunk)
         self.upload.spooler.write_spool(f.staged, [chunk])
 
@@ -184,9 +188,11 @@ class _Parts:
 
 
 async def receive_upload(request: Request, cap: int, spooler: Spooler,
-                         check_field: Callable[[str, str], None] | None = None, idle_timeout: float = 30.0) -> Upload:
+                         check_field: Callable[[str, str], None] | None = None, idle_timeout: float = 30.0,
+                         check_file: Callable[[SpooledFile, int], None] | None = None) -> Upload:
     """Stream the multipart body into the spooler's files under ``cap`` bytes; on any failure nothing is left
-    behind. ``check_field(name, value)`` runs as each text field completes, so a bad id stops the upload early.
+    behind. ``check_field(name, value)`` runs as each text field completes, so a bad id stops the upload early;
+    ``check_file(file, size)`` before each chunk of a file is written, with the file's size including it.
     A client that sends nothing for ``idle_timeout`` seconds gets 408 (it would hold a spool file forever)."""
     ctype, options = parse_options_header(request.headers.get("content-type"))
     boundary = options.get(b"boundary")
@@ -197,7 +203,7 @@ async def receive_upload(request: Request, cap: int, spooler: Spooler,
         raise UploadTooLarge(f"upload of {int(declared)} bytes exceeds the limit of {cap} bytes (--max-upload-bytes)")
     upload = Upload(spooler)
     try:
-        parts = _Parts(boundary, upload, check_field)
+        parts = _Parts(boundary, upload, check_field, check_file)
     except (FormParserError, ValueError) as e:
         raise UnsupportedUpload(f"bad multipart boundary: {e}") from None
     received = 0

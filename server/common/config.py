@@ -77,6 +77,8 @@ class Settings:
     rate_burst: int = 0  # bucket size; 0 = max(1, rate_limit)
     bad_key_rate: float = 1.0  # failed-key attempts per second per client address once the burst is used; 0 = off
     bad_key_burst: int = 20
+    tenant_max_adapters: int = 0  # adapters one tenant may store; 0 = unlimited (public adapters never count)
+    tenant_max_bytes: int = 0  # bytes of adapters one tenant may store; 0 = unlimited
     merge: bool = False  # fold the single running adapter into W0 (merge mode)
     demo_adapters: bool = False
     log_level: str = "info"
@@ -132,6 +134,8 @@ _HELP = {
     "bad_key_rate": "failed API-key attempts per second allowed per client address after --bad-key-burst; "
                     "beyond it 429 before any key is compared (0 = off)",
     "bad_key_burst": "failed API-key attempts per client address before --bad-key-rate applies",
+    "tenant_max_adapters": "adapters one tenant may store (403 tenant_quota_exceeded beyond it); 0 = unlimited",
+    "tenant_max_bytes": "bytes of adapters one tenant may store (507 tenant_quota_exceeded beyond it); 0 = unlimited",
     "merge": "merge the single running adapter into the base weights",
     "demo_adapters": "put two synthetic demo adapters into the store at start if absent",
     "log_level": "debug | info | warning | error",
@@ -202,7 +206,8 @@ def check(s: Settings) -> None:
                  "max_upload_bytes", "max_body_bytes", "kv_block_size", "limit_concurrency"):
         if getattr(s, name) < 1:
             problems.append(f"{_flag(name)} must be positive, got {getattr(s, name)}")
-    for name in ("port", "kv_cache_bytes", "cpu_cache_bytes"):  # 0: any free port / sized from the machine
+    for name in ("port", "kv_cache_bytes", "cpu_cache_bytes", "tenant_max_adapters", "tenant_max_bytes"):
+        # 0: any free port / sized from the machine / unlimited
         if getattr(s, name) < 0:
             problems.append(f"{_flag(name)} must be >= 0, got {getattr(s, name)}")
     if not 0 < s.gpu_memory_utilization <= 1:

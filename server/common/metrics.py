@@ -47,11 +47,15 @@ class Metrics:
         self.adapter_resident_bytes = Gauge(p + "adapter_resident_bytes", "Bytes of resident adapters by tier", ["tier"], registry=r)
         self.adapter_capacity_bytes = Gauge(p + "adapter_capacity_bytes", "Adapter capacity in bytes by tier", ["tier"], registry=r)
         self.adapter_uploads = Counter(p + "adapter_uploads_total", "Adapter uploads by result", ["result"], registry=r)
+        # by kind only: a tenant label would make its cardinality grow with the tenants
+        self.adapter_quota_rejections = Counter(p + "adapter_quota_rejections_total", "Tenant uploads refused by a quota (count or bytes)", ["kind"], registry=r)
         self.build_info = Gauge(p + "build_info", "Build information (always 1)", ["version", "model"], registry=r)
         self.build_info.labels(version=version, model=model).set(1)
         for tier in TIERS:  # expose zero-valued series from the start so dashboards and rate() work at once
             for m in (self.cache_hits, self.cache_misses, self.evictions):
                 m.labels(tier=tier)
+        for kind in ("count", "bytes"):
+            self.adapter_quota_rejections.labels(kind=kind)
 
     def pool_gauges(self, resident: dict[str, int], resident_bytes: dict[str, int], capacity_bytes: dict[str, int]) -> None:
         for tier in TIERS:

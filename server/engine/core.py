@@ -18,6 +18,7 @@ from collections import deque
 import torch
 
 from adapters_store.basemodels import BaseModel
+from adapters_store.tenancy import resolve
 from server.common.config import EngineConfig
 from server.common.errors import (
     ContextLengthExceeded,
@@ -184,7 +185,7 @@ class Engine:
         if not self.base.is_decoder:
             raise TaskMismatch(f"base model {self.base.name!r} is an encoder: it classifies, it does not generate",
                                param="model")
-        record = self._resolve(params.adapter_id, params.owner, "generate")
+        store_key, record = self._resolve(params.adapter_id, params.owner, "generate") or (None, None)
         sp = params.sampling()
         problems = sp.validate()
         if not params.prompt_ids:
@@ -205,7 +206,7 @@ class Engine:
         req = GenRequest(request_id=rid, key=record.digest if record else None, tokens=tokens,
                          max_tokens=params.max_tokens, adapter_id=params.adapter_id, arrival=now, deadline=deadline,
                          handle=handle, out=OutputState(sp, self.tokenizer, tokens, self._eos),
-                         rows=RowSampling(sp, self._generator(sp.seed), tokens))
+                         rows=RowSampling(sp, self._generator(sp.seed), tokens), store_key=store_key)
         handle._req = req
         self.scheduler.add(req)
         if self.metrics is not None:
@@ -222,9 +223,10 @@ class Engine:
                             retry_after=self.scheduler.retry_after())
         if adapter_id is None:
             raise TaskMismatch("classification needs a classify adapter (it carries the head)", param="model")
-        record = self._resolve(adapter_id, owner, "classify")
+        store_key, record = self._resolve(adapter_id, owner, "classify")
         check_rows(rows, self.max_model_len, int(self.base.model.config.vocab_size))
-        job = ClassifyJob.create(adapter_id, record.digest, [list(r) for r in rows], self.config.request_timeout_s)
+        job = ClassifyJob.create(adapter_id, record.digest, [list(r) for r in rows], self.config.request_timeout_s,
+                                 store_key)
         self.classifier.jobs.append(job)
         self._wake.set()
         return await job.wait()
@@ -252,22 +254,21 @@ class Engine:
         self._wake.set()
 
     def _resolve(self, adapter_id: str | None, owner: str | None, task: str):
+        """(storage key, record) for tenant ``owner``: its own, else the public one (never another tenant's)."""
         if adapter_id is None:
             return None
         try:
-            record = self.store.get(adapter_id)
+            store_key, record = resolve(self.store, adapter_id, owner)
         except Exception as e:
             if getattr(e, "http_status", None) == 404:
                 raise UnknownAdapter(f"adapter {adapter_id!r} does not exist", param="model") from None
             raise
-        if record.owner is not None and record.owner != owner:  # another tenant's: same answer as absent
-            raise UnknownAdapter(f"adapter {adapter_id!r} does not exist", param="model")
         if record.task != task:
             raise TaskMismatch(f"adapter {adapter_id!r} is a {record.task} adapter; this endpoint needs {task}",
                                param="model")
         self.residency.check(adapter_id, record.digest)
-        self.residency.prefetch(adapter_id, record.digest)
-        return record
+        self.residency.prefetch(adapter_id, record.digest, store_key)
+        return store_key, record
 
     # ---- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -127,8 +127,8 @@ class RequestHandle:
 class Request:
     """What the scheduler tracks per request; the engine subclasses it with outputs and the event sink.
 
-    Its adapter claim (``key``, ``adapter_id``, ``adapter_slot``, ``pinned``, ``slot_wait_since``) is what
-    ``engine.admission`` reads and writes, the same fields as a ``ClassifyJob``'s."""
+    Its adapter claim (``key``, ``adapter_id``, ``store_key``, ``adapter_slot``, ``pinned``, ``slot_wait_since``)
+    is what ``engine.admission`` reads and writes, the same fields as a ``ClassifyJob``'s."""
 
     request_id: str
     key: str | None  # residency key: the adapter's digest captured at submit; None = base model
@@ -144,6 +144,7 @@ class Request:
     scheduled_at: float | None = None
     slot_wait_since: float | None = None
     preemptions: int = 0  # times its cache was taken back; it then recomputes prompt + generated tokens
+    store_key: str | None = None  # where the adapter lives in the store (its tenant's namespace); None = adapter_id
 
     @property
     def num_tokens(self) -> int:
@@ -200,11 +201,14 @@ class ClassifyJob:
     done: bool = False
     next_row: int = 0  # rows before this one are in a batch already
     results: list = field(default_factory=list)  # (label, scores) per finished row, in order
+    store_key: str | None = None  # where the adapter lives in the store; None = adapter_id
 
     @classmethod
-    def create(cls, adapter_id: str, key: str, rows: list[list[int]], timeout_s: float) -> ClassifyJob:
+    def create(cls, adapter_id: str, key: str, rows: list[list[int]], timeout_s: float,
+               store_key: str | None = None) -> ClassifyJob:
         loop = asyncio.get_running_loop()
-        return cls(adapter_id, key, rows, time.monotonic() + timeout_s, loop, loop.create_future())
+        return cls(adapter_id, key, rows, time.monotonic() + timeout_s, loop, loop.create_future(),
+                   store_key=store_key)
 
     async def wait(self) -> list[tuple[str, dict[str, float]]]:
         try:

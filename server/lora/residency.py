@@ -64,8 +64,9 @@ class AdapterLoading(AdapterBusy):
 class Claim(Protocol):
     """What residency reads of a request or classify job: the adapter version it captured at submit."""
 
-    adapter_id: str | None
+    adapter_id: str | None  # the plain id, for messages
     key: str | None  # the adapter's digest; None = the base model
+    store_key: str | None  # where it lives in the store (its tenant's namespace); None = adapter_id
 
 
 class Residency(Protocol):
@@ -112,7 +113,7 @@ class AdapterResidency:
         self._executor = (ThreadPoolExecutor(loader_threads, thread_name_prefix="rankserve-adapter-load")
                           if prefetch else None)
 
-    def prefetch(self, adapter_id: str, digest: str) -> None:
+    def prefetch(self, adapter_id: str, digest: str, store_key: str | None = None) -> None:
         """Any thread (submit): start loading this version on a loader thread unless it is resident, in the
         CPU tier, already loading, or known to fail."""
         if self._executor is None or digest in self.failed or self.pool.cached(digest):
@@ -120,7 +121,7 @@ class AdapterResidency:
         with self._loads_lock:
             if digest in self._loads:
                 return
-            self._loads[digest] = self._executor.submit(self._fetch, adapter_id, digest)
+            self._loads[digest] = self._executor.submit(self._fetch, adapter_id, digest, store_key)
 
     def loading(self, digest: str) -> bool:
         with self._loads_lock:
@@ -130,10 +131,10 @@ class AdapterResidency:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _fetch(self, adapter_id: str, digest: str) -> None:
+    def _fetch(self, adapter_id: str, digest: str, store_key: str | None) -> None:
         start = time.monotonic()
         try:
-            adapter = self._loader(adapter_id, digest, [])()
+            adapter = self._loader(adapter_id, store_key, digest, [])()
             self.pool.put_cpu(digest, adapter)
             if self.metrics is not None:
                 self.metrics.adapter_load_duration.labels(source="disk").observe(time.monotonic() - start)
@@ -167,7 +168,7 @@ class AdapterResidency:
         loaded: list[bool] = []
         start = time.monotonic()
         try:
-            slot = self.pool.acquire(req.key, self._loader(adapter_id, req.key, loaded))
+            slot = self.pool.acquire(req.key, self._loader(adapter_id, req.store_key, req.key, loaded))
         except PoolExhausted:
             raise AdapterBusy() from None
         except UnknownAdapter:
@@ -211,11 +212,12 @@ class AdapterResidency:
         if req.key is not None:
             self.pool.release(req.key)
 
-    def _loader(self, adapter_id: str, digest: str, loaded: list[bool]) -> Callable[[], CompiledAdapter]:
+    def _loader(self, adapter_id: str, store_key: str | None, digest: str,
+                loaded: list[bool]) -> Callable[[], CompiledAdapter]:
         def load() -> CompiledAdapter:
             ok = False
             try:
-                adapter = self._load_version(adapter_id, digest)
+                adapter = self._load_version(adapter_id, store_key or adapter_id, digest)
                 ok = True
                 loaded.append(True)
                 return adapter
@@ -225,15 +227,16 @@ class AdapterResidency:
 
         return load
 
-    def _load_version(self, adapter_id: str, digest: str) -> CompiledAdapter:
-        """Exactly the version captured at submit (validated against the base), or 404 if it is gone."""
+    def _load_version(self, adapter_id: str, store_key: str, digest: str) -> CompiledAdapter:
+        """Exactly the version captured at submit (validated against the base), read by its storage key (the
+        caller's namespace), or 404 if it is gone. Messages name the plain id."""
         try:
-            return self.store.load(adapter_id, base=self.base, digest=digest)
+            return self.store.load(store_key, base=self.base, digest=digest)
         except Exception as e:
             if getattr(e, "http_status", None) != 404:
                 raise
         try:
-            current = self.store.get(adapter_id).digest
+            current = self.store.get(store_key).digest
         except Exception:
             current = None
         if current == digest:  # the record still names this version, so the bytes on disk are damaged
