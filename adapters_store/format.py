@@ -114,9 +114,9 @@ class AdapterMeta:
             if raw is None:
                 return default
             try:
-                return json.loads(raw)
-            except json.JSONDecodeError:
-                problems.append(f"metadata field {key!r} is not valid JSON")
+                return json_value(raw, f"metadata field {key!r}")
+            except AdapterFormatError as e:
+                problems.extend(e.problems)
                 return default
 
         method, task = text("method"), text("task")
@@ -295,12 +295,20 @@ def _header_length(first8: bytes, size: int, max_header_bytes: int) -> int:
     return n
 
 
+def json_value(raw: str | bytes, what: str):
+    """``json.loads``, with every way it can fail on hostile input answered as a format error naming
+    ``what``: not JSON, not UTF-8, and nesting so deep that the parser recurses past Python's limit."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise AdapterFormatError(f"{what} is nested too deeply to be valid JSON here") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{what} is not valid JSON: {e}") from None
+
+
 def _parse_header(raw: bytes, body: int) -> tuple[dict, dict[str, str]]:
     """The header JSON of a file whose tensor data is ``body`` bytes long."""
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"header is not valid JSON: {e}") from None
+    header = json_value(raw, "header")
     if not isinstance(header, dict):
         raise AdapterFormatError("header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}

@@ -20,7 +20,6 @@ collected into one ``AdapterFormatError`` naming the field or tensor.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from adapters_store.format import (
     AdapterMeta,
     CompiledAdapter,
     ModuleWeights,
+    json_value,
     load_tensors,
     read_header,
 )
@@ -111,10 +111,7 @@ def _read_source(source: str | Path | dict[str, bytes | Path], limits: Limits) -
 
 
 def _parse_config(data: bytes) -> dict:
-    try:
-        cfg = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"{CONFIG} is not valid JSON: {e}") from None
+    cfg = json_value(data, CONFIG)
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{CONFIG} must hold a JSON object")
     return cfg
@@ -290,7 +287,7 @@ def _head(others: dict[str, torch.Tensor], cfg: dict, base: BaseModel, labels: l
     saved = cfg.get("modules_to_save") or []
     if not saved:
         return None
-    if not isinstance(saved, list) or not set(saved) <= HEAD_NAMES:
+    if not isinstance(saved, list) or not all(isinstance(m, str) for m in saved) or not set(saved) <= HEAD_NAMES:
         problems.append(f"{CONFIG} field 'modules_to_save' is {saved!r}: full copies of modules cannot be served; "
                         "only a decoder's classification head 'score' can be mapped")
         return None

@@ -383,7 +383,7 @@ class AdapterStore:
                 record = AdapterRecord.from_dict(old)
                 if tenancy.owner_ok(record.owner) and record.key == key:
                     return record
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 pass
         owner = old.get("owner") if isinstance(old, dict) and tenancy.owner_ok(old.get("owner")) else None
         if storage_key(plain_id(key), owner) != key:  # the tenant's name is on disk only in its record

@@ -130,7 +130,7 @@ def adopt_legacy(backend: Backend) -> None:
         raw = backend.read_record(key)
         try:
             owner = json.loads(raw).get("owner") if raw else None
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             continue  # unreadable: indexed (or refused) as a public adapter, as before
         if owner is None or not owner_ok(owner):
             continue

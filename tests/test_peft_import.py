@@ -369,3 +369,31 @@ def test_base_path_mapping(tiny_llama, tiny_bert):
     assert _base_path("bert.encoder.layer.1.attention.self.query", tiny_bert) == "encoder.layer.1.attention.self.query"
     assert _base_path("q_proj", tiny_llama) is None  # ambiguous: never guess
     assert _base_path("lm_head", tiny_llama) is None
+
+
+@pytest.mark.parametrize("field, value", [("r", "DEEP"), ("modules_to_save", [["score"]]),
+                                          ("modules_to_save", [{"a": 1}])])
+def test_hostile_config_values_are_format_errors_not_crashes(tiny_llama, field, value):
+    """Found by the HTTP fuzzer: JSON nested past Python's recursion limit, and unhashable
+    modules_to_save entries, raised RecursionError/TypeError (500s) instead of a format error."""
+    from tests.util_server import peft_files
+
+    files = peft_files(tiny_llama.model, target_modules=["q_proj"])
+    cfg = json.loads(files["adapter_config.json"])
+    raw = json.dumps({**cfg, field: value})
+    if value == "DEEP":
+        raw = raw.replace('"DEEP"', "[" * 50_000 + "]" * 50_000)
+    files["adapter_config.json"] = raw.encode()
+    with pytest.raises(AdapterFormatError) as e:
+        import_peft(files, tiny_llama)
+    assert "adapter_config.json" in str(e.value)
+
+
+def test_deeply_nested_header_json_is_a_format_error():
+    import struct
+
+    from adapters_store.format import loads
+
+    header = b'{"deep": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    with pytest.raises(AdapterFormatError, match="nested too deeply"):
+        loads(struct.pack("<Q", len(header)) + header)
