@@ -180,6 +180,54 @@ def test_merge_mode_matches_unmerged_and_restores_the_base(engines, adapters, ti
         assert torch.equal(eng.base.model.get_parameter(name), w), name
 
 
+def test_traffic_flipping_between_merged_and_mixed_stays_exact(engines, adapters, tiny_llama):
+    """Merge mode under traffic that alternates single-adapter runs (merged) with mixed batches (unmerged,
+    W0 restored) and classify-free base steps: every output equals its adapter's reference."""
+    m = Metrics()
+    eng = engines(store_with(adapters), metrics=m, merge_single_adapter=True)
+    p, q = prompts([6, 5], seed=17)
+    refs = {a: hf_greedy(apply_adapter(tiny_llama.model, adapters[a]), p, 10) for a in ("a0", "a1", "a5")}
+    refs[None] = hf_greedy(tiny_llama.model, p, 10)
+    for round_ in range(3):
+        for a in ("a0", "a1", "a5"):  # LoRA, DoRA, EDoRA alone: long enough to merge
+            assert collect(eng.submit_generate(greedy(p, 10, adapter_id=a))).tokens == refs[a], (round_, a)
+        mixed = [eng.submit_generate(greedy(p, 10, adapter_id=a)) for a in ("a1", None, "a0", "a5")]
+        assert [collect(h).tokens for h in mixed] == [refs["a1"], refs[None], refs["a0"], refs["a5"]]
+    merges = m.adapter_merges._value.get()
+    assert merges >= 3 and merges == eng.merging.merges  # the single-adapter runs did run merged
+    assert eng.pool.merged is None  # the last batch was mixed: W0 is back
+    assert collect(eng.submit_generate(greedy(q, 3))).tokens == hf_greedy(tiny_llama.model, q, 3)
+
+
+def test_merge_policy_backs_off_when_merges_do_not_pay():
+    class Pool:
+        def __init__(self):
+            self.merged, self.log = None, []
+
+        def adapter(self, key):
+            return type("A", (), {"mergeable": True})()
+
+        def merge(self, key):
+            self.log.append("merge")
+
+        def unmerge(self):
+            self.log.append("unmerge")
+
+    from server.lora.merge_policy import LONG_MERGE_STEPS, MergePolicy
+
+    pool = Pool()
+    policy = MergePolicy(pool, enabled=True, after_steps=3)
+    for _ in range(50):  # flickers: five steps of one adapter, then one mixed step
+        for _ in range(5):
+            policy.before_step(["a"])
+        policy.before_step(["a", "b"])
+    assert pool.log.count("merge") == 1 and policy.wait == 6  # the first merge did not pay: no more
+    for _ in range(LONG_MERGE_STEPS + 10):  # a long single-adapter run merges and pays off
+        policy.before_step(["a"])
+    policy.before_step([None])
+    assert pool.log.count("merge") == 2 and policy.wait == 3 and pool.log[-1] == "unmerge"
+
+
 def reference_classify(base, adapter, texts):
     model = apply_adapter(base.model, adapter)
     out = []

@@ -34,17 +34,19 @@ def test_defaults_without_flags_or_env():
 
 
 def test_env_fills_in_and_flags_win():
-    env = {"RANKSERVE_MODEL": "tiny-llama", "RANKSERVE_PORT": "9001", "RANKSERVE_MERGE": "true",
+    env = {"RANKSERVE_MODEL": "tiny-llama", "RANKSERVE_PORT": "9001", "RANKSERVE_MERGE": "false",
            "RANKSERVE_RATE_LIMIT": "2.5", "RANKSERVE_API_KEYS": "a:t1, b:t2", "RANKSERVE_API_KEY": "c",
            "RANKSERVE_ADMIN_KEY": "root", "RANKSERVE_SERVED_MODEL_NAME": "tiny"}
     s = parse(env=env)
-    assert (s.model, s.port, s.merge, s.rate_limit, s.base_name) == ("tiny-llama", 9001, True, 2.5, "tiny")
+    assert (s.model, s.port, s.merge, s.rate_limit, s.base_name) == ("tiny-llama", 9001, False, 2.5, "tiny")
     assert s.api_keys == ("a:t1", "b:t2", "c") and s.admin_keys == ("root",)
     s = parse("--port", "9002", "--api-key", "x:t9", "--api-key", "y", "--model", "tiny-bert", env=env)
     assert (s.port, s.model, s.api_keys) == (9002, "tiny-bert", ("x:t9", "y"))
-    assert s.merge is True  # not given as a flag: the env value stands
+    assert s.merge is False  # not given as a flag: the env value stands
     e = s.engine_config()
-    assert e.merge_single_adapter and e.max_queue == s.max_queue and e.request_timeout_s == s.request_timeout
+    assert not e.merge_single_adapter and e.max_queue == s.max_queue and e.request_timeout_s == s.request_timeout
+    assert parse("--merge", env=env).merge is True and parse().merge is True  # merge mode is on by default
+    assert parse("--no-merge").merge is False
 
 
 @pytest.mark.parametrize("argv, env, needle", [

@@ -79,7 +79,7 @@ class Settings:
     bad_key_burst: int = 20
     tenant_max_adapters: int = 0  # adapters one tenant may store; 0 = unlimited (public adapters never count)
     tenant_max_bytes: int = 0  # bytes of adapters one tenant may store; 0 = unlimited
-    merge: bool = False  # fold the single running adapter into W0 (merge mode)
+    merge: bool = True  # fold the single running adapter into W0 (merge mode); --no-merge turns it off
     demo_adapters: bool = False
     log_level: str = "info"
 
@@ -136,7 +136,8 @@ _HELP = {
     "bad_key_burst": "failed API-key attempts per client address before --bad-key-rate applies",
     "tenant_max_adapters": "adapters one tenant may store (403 tenant_quota_exceeded beyond it); 0 = unlimited",
     "tenant_max_bytes": "bytes of adapters one tenant may store (507 tenant_quota_exceeded beyond it); 0 = unlimited",
-    "merge": "merge the single running adapter into the base weights",
+    "merge": "fold the adapter into the base weights while it is the only one running (default on; "
+             "--no-merge turns it off)",
     "demo_adapters": "put two synthetic demo adapters into the store at start if absent",
     "log_level": "debug | info | warning | error",
 }
@@ -152,7 +153,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if f.name in _LISTS:
             p.add_argument(_flag(f.name), dest=f.name, action="append", default=None, help=_HELP[f.name])
         elif f.type == "bool":
-            p.add_argument(_flag(f.name), dest=f.name, action="store_true", default=None, help=_HELP.get(f.name))
+            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=_HELP.get(f.name))
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
             p.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, help=_HELP.get(f.name))

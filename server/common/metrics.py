@@ -46,6 +46,7 @@ class Metrics:
         self.adapters_resident = Gauge(p + "adapters_resident", "Resident adapters by tier", ["tier"], registry=r)
         self.adapter_resident_bytes = Gauge(p + "adapter_resident_bytes", "Bytes of resident adapters by tier", ["tier"], registry=r)
         self.adapter_capacity_bytes = Gauge(p + "adapter_capacity_bytes", "Adapter capacity in bytes by tier", ["tier"], registry=r)
+        self.adapter_merges = Counter(p + "adapter_merges_total", "Single-adapter runs folded into the base weights (merge mode)", registry=r)
         self.adapter_uploads = Counter(p + "adapter_uploads_total", "Adapter uploads by result", ["result"], registry=r)
         # by kind only: a tenant label would make its cardinality grow with the tenants
         self.adapter_quota_rejections = Counter(p + "adapter_quota_rejections_total", "Tenant uploads refused by a quota (count or bytes)", ["kind"], registry=r)

@@ -80,7 +80,7 @@ class Engine:
         self._wake = threading.Event()
         self.residency = AdapterResidency(self.pool, store, base, metrics, prefetch=cfg.async_adapter_loads,
                                           on_loaded=self._wake.set)
-        self.merging = MergePolicy(self.pool, cfg.merge_single_adapter)
+        self.merging = MergePolicy(self.pool, cfg.merge_single_adapter, metrics=metrics)
         self.cache = self.runner = None
         kv: PagedKVCache | NoKVCache = NoKVCache()  # encoder bases generate nothing
         if base.is_decoder:  # sized after the weights and adapter slots are in place
