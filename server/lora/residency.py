@@ -71,27 +71,6 @@ class Claim(Protocol):
 
 class Residency(Protocol):
     def acquire(self, req: Claim) -> int: ...  # device slot (-1 = base); raises AdapterBusy or ServingError
-    def _retry_later(self, adapter_id: str | None, key: str, e: BaseException, why: str) -> None:
-        """A transient failure: wait in place (AdapterLoading) and try again after a back-off, at most
-        len(RETRY_BACKOFF_S) times, then 503. Out of memory first frees what the pool can give back."""
-        attempts = self._retries.get(key, (0, 0.0))[0] + 1
-        if out_of_memory(e):
-            freed = self.pool.free_memory()
-            log.warning("out of memory loading adapter %r: dropped %d bytes of the CPU tier", adapter_id, freed)
-        if attempts > len(RETRY_BACKOFF_S):
-            self._retries.pop(key, None)
-            raise Unavailable(f"adapter {adapter_id!r} could not be loaded after {attempts} attempts ({why}); "
-                              "retry later", param="model", retry_after=5.0) from None
-        self._retries[key] = (attempts, time.monotonic() + RETRY_BACKOFF_S[attempts - 1])
-        log.warning("adapter %r failed to load (attempt %d, retrying in %.2f s): %s", adapter_id, attempts,
-                    RETRY_BACKOFF_S[attempts - 1], why)
-        raise AdapterLoading() from None
-
-    def forget(self, digest: str) -> None:
-        """A delete or a re-upload of this version: forget why it failed, so the next request tries again."""
-        self.failed.pop(digest, None)
-        self._retries.pop(digest, None)
-
     def release(self, req: Claim) -> None: ...
 
 
