@@ -5,7 +5,7 @@ the formulations below (never a Python loop over adapters or tokens), scattered 
 ``index_add_``; then out_scale as a per-token row gather of the module's g table (row S = ones).
 
 - single (one adapter in the step): two GEMMs on views of its slot, no copy of any weight.
-- rows gather (decode-like steps: fewer than ``GROUPED_MIN_TOKENS`` tokens per adapter on average):
+- rows gather (decode-like steps: less than ``GROUPED_MIN_WORK`` per adapter segment, see there):
   ``plan.rows`` names, for every token, the flat-table rows of its adapter's rank, padded to the step's
   largest rank with the zero row. One ``index_select`` + ``bmm`` for the shrink, one weighted
   ``embedding_bag`` for the expand (reads B^T rows in place), whatever the number of buckets; DRAM reads
@@ -50,7 +50,13 @@ def aligned(*sizes_and_dtype: int) -> bool:
 HAS_GROUPED_MM = _grouped_mm_works()
 
 
-GROUPED_MIN_TOKENS = 4  # average tokens per segment from which grouped beats gather on CPU
+# Grouped GEMMs beat the per-token gather once an adapter segment carries enough work: the gather reads
+# each token's rank rows (tokens x rank x (d_in + d_out) elements), the grouped GEMMs read each adapter
+# once but pay a fixed cost per group. Measured on CPU (bench/bench_op_choice.py, torch 2.13, d_in x d_out
+# from 256 x 256 to 2048 x 2048, ranks 8 and 16, 5 and 16 adapters, 1-128 tokens per segment, one thread),
+# the crossover sits at tokens per segment x rank x (d_in + d_out) of 64K-130K elements; below it grouped
+# was up to 2.3x slower (decode over a few adapters), above it up to 30x faster (prefill).
+GROUPED_MIN_WORK = 96 << 10
 
 
 class TorchLowRank:
@@ -69,9 +75,9 @@ class TorchLowRank:
             assert plan.order is not None
             if plan.single is not None and self.strategy == "auto":
                 self._single(x, y, plan, slots)
-            elif self._rows(plan) and plan.rows_by_token:
+            elif self._rows(plan, slots) and plan.rows_by_token:
                 self._gather_rows(x, y, plan, slots)
-            elif self._rows(plan):
+            elif self._rows(plan, slots):
                 xs = x.index_select(0, plan.order)  # [T_a, d_in]
                 y.index_add_(0, plan.order, self._gather_rows(xs, None, plan, slots))
             else:
@@ -100,11 +106,12 @@ class TorchLowRank:
         else:
             y.index_add_(0, plan.order, h @ bt)
 
-    def _rows(self, plan: BatchPlan) -> bool:
-        """Decode-like steps (a token or two per adapter) take one padded gather over every bucket."""
+    def _rows(self, plan: BatchPlan, slots: ModuleSlots) -> bool:
+        """Decode-like steps (a few tokens per adapter) take one padded gather over every bucket."""
         if plan.rows is None or self.strategy == "grouped":
             return False
-        return self.strategy == "gather" or len(plan.order) < GROUPED_MIN_TOKENS * plan.num_segments
+        work = len(plan.order) * plan.rows.shape[1] * (slots.d_in + slots.d_out)
+        return self.strategy == "gather" or work < GROUPED_MIN_WORK * plan.num_segments
 
     def _gather_rows(self, xs: torch.Tensor, y: torch.Tensor | None, plan: BatchPlan,
                      slots: ModuleSlots) -> torch.Tensor:
@@ -145,7 +152,8 @@ class TorchLowRank:
             return False
         if not aligned(slots.d_in, slots.d_out, bp.rank, itemsize):
             return False
-        return self.strategy == "grouped" or bp.num_tokens >= GROUPED_MIN_TOKENS * bp.num_segments
+        work = bp.num_tokens * bp.rank * (slots.d_in + slots.d_out)
+        return self.strategy == "grouped" or work >= GROUPED_MIN_WORK * bp.num_segments
 
 
 def route(h: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, entries: torch.Tensor,

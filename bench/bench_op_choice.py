@@ -1,0 +1,82 @@
+"""Where each formulation of the torch low-rank op wins on this CPU: per-token row gather vs grouped GEMMs
+over adapter segments (``torch._grouped_mm``), for one module, side by side in one run (interleaved, best
+of --repeat), over tokens per adapter segment, distinct adapters, rank and module shape. Prints the time
+of each and grouped/gather: the ``auto`` strategy should pick grouped only where that ratio is below 1.
+
+    RANKSERVE_CACHE=.cache .venv/bin/python bench/bench_op_choice.py            # ~1 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from adapters_store.basemodels import BaseModel
+from adapters_store.format import AdapterMeta, CompiledAdapter, ModuleWeights
+from server.lora.ops.torch_cpu import HAS_GROUPED_MM, TorchLowRank
+from server.lora.pool import AdapterPool
+
+
+def pool_for(d_in: int, d_out: int, adapters: int, rank: int) -> tuple[AdapterPool, list[int]]:
+    model = nn.Module()
+    model.proj = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)
+    base = BaseModel("unit", "llama", model, None, "fp", ("generate",), {"proj": (d_in, d_out)})
+    pool = AdapterPool(base, "cpu", torch.float32, buckets=[(rank, adapters)], mor_entries=0, backend="torch")
+    pool.install()
+    meta = AdapterMeta(method="lora", task="generate", base_model="unit", base_fingerprint="fp")
+    slots = []
+    for i in range(adapters):
+        mw = ModuleWeights(torch.randn(rank, d_in) * 0.1, torch.randn(d_out, rank) * 0.1)
+        slots.append(pool.acquire(f"a{i}", lambda mw=mw: CompiledAdapter(meta, {"proj": mw})))
+    return pool, slots
+
+
+def timed(fn, n: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if not HAS_GROUPED_MM:
+        raise SystemExit("torch._grouped_mm is not available on this build: only the gather path exists")
+    print(f"torch {torch.__version__}, 1 thread; times per module call in us (best of {args.repeat})")
+    print(f"{'d_in x d_out':>13} {'rank':>4} {'adapters':>8} {'tok/seg':>7} {'gather':>8} {'grouped':>8} "
+          f"{'grouped/gather':>14}")
+    ops = {"gather": TorchLowRank("gather"), "grouped": TorchLowRank("grouped")}
+    for d_in, d_out in ((256, 256), (256, 688), (576, 576), (576, 1536), (2048, 2048)):
+        for rank in (8, 16):
+            for adapters in (1, 5, 16):
+                pool, slots = pool_for(d_in, d_out, max(adapters, 2), rank)
+                for per_seg in (1, 2, 4, 8, 16, 32, 64, 128):
+                    T = per_seg * adapters
+                    token_slots = torch.tensor(slots[:adapters]).repeat_interleave(per_seg)
+                    x = torch.randn(T, d_in)
+                    y0 = x @ pool.layers["proj"].weight.T
+                    best = {k: float("inf") for k in ops}
+                    plan = pool.plan(token_slots)
+                    if plan.single is not None:  # one adapter: the single path serves it either way
+                        plan = type(plan)(**{**plan.__dict__, "single": None})
+                    module = pool.slots["proj"]
+                    for _ in range(args.repeat):  # interleaved: noise hits both alike
+                        for name, op in ops.items():
+                            def call(op=op, x=x, y0=y0, plan=plan, module=module):
+                                return op(x, y0.clone(), plan, module)
+
+                            best[name] = min(best[name], timed(call, args.iters))
+                    print(f"{d_in:>6} x {d_out:<5} {rank:>4} {adapters:>8} {per_seg:>7} {best['gather'] * 1e6:>8.0f} "
+                          f"{best['grouped'] * 1e6:>8.0f} {best['grouped'] / best['gather']:>14.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
