@@ -197,7 +197,12 @@ def test_tiny_bert_classifies_and_refuses_generation(tmp_path, tiny_bert):
             results = list(pool.map(lambda m: c.post("/v1/classify", json={"model": m, "input": ["a b", "c"]}),
                                     ["b-lora", "b-dora", "b-mor"] * 2))
         assert all(r.status_code == 200 and len(r.json()["data"]) == 2 for r in results)
-        assert results[0].json()["data"] == results[3].json()["data"]
+        # the same call twice: the same labels, scores equal up to the last bits (the batch it shares with
+        # other calls may change the op's formulation, and with it fp32 accumulation order)
+        first, again = results[0].json()["data"], results[3].json()["data"]
+        assert [d["label"] for d in first] == [d["label"] for d in again]
+        for a, b in zip(first, again, strict=True):
+            assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
         r = c.post("/v1/completions", json={"model": "bert-base", "prompt": "hi"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"
         generate_only = compiled_bytes(tiny_bert, "lora", 4, seed=5)
