@@ -38,6 +38,18 @@ def closed_within(sock: socket.socket, seconds: float) -> float | None:
         return time.monotonic() - start
 
 
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> bytes:
+    """What the server sends until ``marker`` appears or it closes the connection."""
+    sock.settimeout(timeout)
+    reply = b""
+    while marker not in reply:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    return reply
+
+
 def test_a_connection_that_sends_nothing_is_closed(live):
     with connect(live) as s:
         assert closed_within(s, 5) is not None
@@ -65,13 +77,7 @@ def test_a_body_that_stops_arriving_is_408(live):
     with connect(live) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 1000\r\n\r\n{\"model\": \"tiny-llama\", ")
-        s.settimeout(5)
-        reply = b""
-        while b"--body-timeout" not in reply:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
+        reply = read_until(s, b"--body-timeout")
         assert reply.startswith(b"HTTP/1.1 408") and b"--body-timeout" in reply
 
 
@@ -99,13 +105,7 @@ def test_an_upload_that_stalls_is_408_and_leaves_no_spool(live):
     with connect(live) as s:
         s.sendall(b"POST /v1/adapters HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=" + boundary
                   + b"\r\nContent-Length: 1000000\r\n\r\n" + head)
-        s.settimeout(5)
-        reply = b""
-        while b"--body-timeout" not in reply:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
+        reply = read_until(s, b"--body-timeout")
         assert reply.startswith(b"HTTP/1.1 408") and b"stalled" in reply
     spool = live.store / "tmp"
     assert not spool.exists() or not any(spool.iterdir())

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.common.auth import AuthenticationFailed, PermissionDenied, RateLimited
-from server.common.errors import QueueFull, ServingError, Unavailable, UnknownAdapter
+from server.common.errors import QueueFull, RequestTimeout, ServingError, Unavailable, UnknownAdapter
 from server.common.logs import event, request_id_var
 from server.common.metrics import Metrics
 
@@ -45,12 +45,6 @@ class BodyTooLarge(ServingError):
     http_status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
-
-
-class BodyTimeout(ServingError):
-    http_status = 408
-    type = "invalid_request_error"
-    code = "request_timeout"
 
 
 def error_payload(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -214,7 +208,7 @@ class EdgeMiddleware:
             if method in ("POST", "PUT", "PATCH") and (method, path) != UPLOAD_ROUTE:
                 try:
                     receive = await self._read_body(headers, receive)
-                except (BodyTooLarge, BodyTimeout) as e:
+                except (BodyTooLarge, RequestTimeout) as e:
                     metrics.rejected.labels(reason="validation").inc()
                     await json_error(e.http_status, describe_error(e)[1])(scope, receive, send_with_id)
                     return
@@ -271,7 +265,7 @@ class EdgeMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), timeout)
             except asyncio.TimeoutError:
-                raise BodyTimeout(f"the request body did not arrive within {timeout:g} s (--body-timeout)") from None
+                raise RequestTimeout(f"the request body did not arrive within {timeout:g} s (--body-timeout)") from None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")

@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from adapters_store.backend import Staged
 from adapters_store.peft_import import CONFIG, WEIGHTS
 from adapters_store.validate import REFUSED_SUFFIXES, sniff_refused
-from server.common.errors import InvalidParameter, ServingError
+from server.common.errors import InvalidParameter, RequestTimeout, ServingError
 
 MAX_FIELD_BYTES = 64 << 10
 MAX_HEADER_BYTES = 16 << 10  # all header lines of one part
@@ -38,12 +38,6 @@ class UploadTooLarge(ServingError):
     http_status = 413
     type = "invalid_request_error"
     code = "upload_too_large"
-
-
-class UploadTimeout(ServingError):
-    http_status = 408
-    type = "invalid_request_error"
-    code = "request_timeout"
 
 
 class UnsupportedUpload(ServingError):
@@ -215,7 +209,7 @@ async def receive_upload(request: Request, cap: int, spooler: Spooler,
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                raise UploadTimeout(f"the upload stalled: nothing arrived for {idle_timeout:g} s "
+                raise RequestTimeout(f"the upload stalled: nothing arrived for {idle_timeout:g} s "
                                     "(--body-timeout)") from None
             received += len(chunk)
             if received > cap:

@@ -150,14 +150,18 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.rate > 0
 
+    def _tokens(self, key: str, now: float) -> float:
+        """The bucket's tokens at ``now`` (refilled at the rate since its last use). Hold the lock."""
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - last) * self.rate)
+
     def take(self, key: str) -> float | None:
         """None if the request may go; else the seconds until a token is available (Retry-After)."""
         if not self.enabled:
             return None
         now = self.clock()
         with self._lock:
-            tokens, last = self._buckets.get(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            tokens = self._tokens(key, now)
             if tokens >= 1.0:
                 self._buckets[key] = (tokens - 1.0, now)
                 return None
@@ -170,10 +174,8 @@ class RateLimiter:
         """Like ``take`` without taking: None if a token is there, else the seconds until one is."""
         if not self.enabled:
             return None
-        now = self.clock()
         with self._lock:
-            tokens, last = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
+            tokens = self._tokens(key, self.clock())
         return None if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
     def _prune(self, now: float) -> None:

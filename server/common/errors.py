@@ -68,6 +68,14 @@ class Unavailable(ServingError):
     code = "unavailable"
 
 
+class RequestTimeout(ServingError):
+    """A request body or upload that stopped arriving (the client is too slow or gone silent)."""
+
+    http_status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class RequestFailed(ServingError):
     """This request's own work failed inside the engine (a bug or a fault it alone hit); the engine and every
     other request go on."""
