@@ -43,25 +43,11 @@ from server.engine.tokens import TokenState
 from server.lora.merge_policy import MergePolicy
 from server.lora.pool import AdapterPool, make_pool
 from server.lora.residency import AdapterResidency
+from server.model.device import resolve_device
 from server.model.kvcache import NoKVCache, PagedKVCache, kv_budget_bytes
 from server.model.runner import Chunk, ModelRunner
 
 log = logging.getLogger("rankserve.engine")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(cfg: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    """``auto`` device: CUDA when present; ``auto`` dtype: bfloat16 on CUDA, float32 on CPU."""
-    dev = cfg.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.dtype == "auto":
-        dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    elif cfg.dtype in DTYPES:
-        dt = DTYPES[cfg.dtype]
-    else:
-        raise ValueError(f"dtype {cfg.dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    return torch.device(dev), dt
 
 
 class Engine:
