@@ -208,9 +208,11 @@ def test_merge_policy_backs_off_when_merges_do_not_pay():
             return type("A", (), {"mergeable": True})()
 
         def merge(self, key):
+            self.merged = key
             self.log.append("merge")
 
         def unmerge(self):
+            self.merged = None
             self.log.append("unmerge")
 
     from server.lora.merge_policy import LONG_MERGE_STEPS, MergePolicy

@@ -3,6 +3,7 @@ token bucket on their own."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -120,6 +121,13 @@ def test_keys_never_reach_the_logs(srv):  # row 32
     assert '"msg": "request"' in text and "key-" in text  # the access log names keys by digest
     for key in (*KEYS, "sk-not-a-key"):
         assert key not in text
+
+
+def test_the_end_user_id_is_recorded_in_the_access_log(srv):
+    client, _ = srv
+    assert complete(client, INFER_A, "tiny-llama", user="end-user-42").status_code == 200
+    lines = [json.loads(line) for line in client.captured.lines if '"end-user-42"' in line]
+    assert [(r["msg"], r["endpoint"], r["user"]) for r in lines] == [("request", "/v1/completions", "end-user-42")]
 
 
 def test_rate_limit_is_per_key(tmp_path):  # row 20

@@ -30,6 +30,7 @@ async def classify(body: ClassifyRequest, request: Request, principal: Principal
     state = get_state(request)
     rt = state.require()
     engine = rt.engine
+    request.state.user = body.user  # the end-user id goes into the access log line
     adapter_id = adapter_of(state, body.model)
     if adapter_id is None:
         raise InvalidParameter("classification needs a classify adapter id as `model` (it carries the head)",

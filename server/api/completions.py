@@ -71,7 +71,9 @@ def _prompt_ids(tokenizer, body: SamplingRequest, vocab_size: int) -> list[int]:
     if isinstance(body, ChatRequest):
         if not getattr(tokenizer, "chat_template", None):
             raise BadRequest("this base model's tokenizer has no chat template: use /v1/completions", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        # a message's name reaches the template, which renders it where the model's format has a place for it
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     assert isinstance(body, CompletionRequest)
@@ -129,6 +131,7 @@ async def _generate(request: Request, body: SamplingRequest, principal: Principa
     if max_tokens is None:  # chat default: whatever the context leaves (the engine refuses 0 with 400)
         max_tokens = max(1, engine.max_model_len - len(prompt_ids))
     rid = request.state.request_id
+    request.state.user = body.user  # the end-user id goes into the access log line
     params = GenerateParams(
         prompt_ids=prompt_ids, adapter_id=adapter_id, owner=principal.tenant, max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,

@@ -230,7 +230,8 @@ class EdgeMiddleware:
             if not (probe and status[0] < 400):  # probes would drown the log
                 principal = scope.get("state", {}).get("principal")
                 event("request", method=method, endpoint=endpoint, status=status[0],
-                      duration_ms=round(elapsed * 1000, 2), key_id=getattr(principal, "key_id", None))
+                      duration_ms=round(elapsed * 1000, 2), key_id=getattr(principal, "key_id", None),
+                      user=scope.get("state", {}).get("user"))
             request_id_var.reset(token)
 
     async def _authenticate(self, scope: Scope, headers: dict[bytes, bytes], receive: Receive, send: Send) -> bool:

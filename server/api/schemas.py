@@ -61,7 +61,7 @@ class SamplingRequest(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    user: str | None = Field(None, max_length=256, description="an end-user id; recorded nowhere")
+    user: Text | None = Field(None, max_length=256, description="an end-user id, recorded in the access log")
     # extensions that benchmark tools send to vLLM
     top_k: int | None = Field(None, ge=-1, le=INT32, description="0 or -1 = off; above the vocabulary = off")
     min_tokens: int = Field(0, ge=0, le=INT32)
@@ -156,7 +156,7 @@ class ChatRequest(SamplingRequest):
 class ClassifyRequest(Strict):
     model: Text = Field(min_length=1, max_length=256, description="a classify adapter id")
     input: Text | list[Text] = Field(description=f"texts to classify (1 to {MAX_TEXTS})")
-    user: str | None = Field(None, max_length=256)
+    user: Text | None = Field(None, max_length=256, description="an end-user id, recorded in the access log")
 
     @model_validator(mode="after")
     def _texts(self):

@@ -151,10 +151,6 @@ class Request:
         """Prompt + generated tokens known so far."""
         return len(self.tokens)
 
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.tokens.prompt
-
 
 @dataclass(eq=False)
 class GenRequest(Request):

@@ -25,10 +25,6 @@ class TokenState:
         return len(self.ids)
 
     @property
-    def prompt(self) -> list[int]:
-        return self.ids[:self.num_prompt]
-
-    @property
     def generated(self) -> list[int]:
         return self.ids[self.num_prompt:]
 

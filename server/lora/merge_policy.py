@@ -29,11 +29,15 @@ class MergePolicy:
         self.after_steps = after_steps
         self.metrics = metrics
         self.wait = after_steps  # single-adapter steps in a row needed now
-        self.merged: str | None = None  # the digest folded into W0
         self.merges = 0
         self._last_single: str | None = None
         self._single_steps = 0
         self._merged_steps = 0
+
+    @property
+    def merged(self) -> str | None:
+        """The digest folded into W0 (the pool's state: one source of truth)."""
+        return self.pool.merged
 
     def before_step(self, keys: Iterable[str | None]) -> None:
         """Called with the adapter keys of every running request before each generate step."""
@@ -49,7 +53,6 @@ class MergePolicy:
         self._last_single = single
         if (single is not None and self._single_steps >= self.wait and self.pool.adapter(single).mergeable):
             self.pool.merge(single)
-            self.merged = single
             self.merges += 1
             self._merged_steps = 1
             if self.metrics is not None:
@@ -61,7 +64,6 @@ class MergePolicy:
         if self.merged is None:
             return
         self.pool.unmerge()
-        self.merged = None
         if self._merged_steps < self.wait:
             self.wait = min(MAX_WAIT_STEPS, 2 * self.wait)
         elif self._merged_steps >= LONG_MERGE_STEPS:
