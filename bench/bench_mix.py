@@ -10,58 +10,13 @@ weights of the given shape (speed only). Rounds alternate; each figure keeps its
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from bench_ab_engine import Store, base_model, run
 
-from adapters_store.basemodels import BaseModel, target_modules
 from adapters_store.synth import random_adapter
-from server.engine import Engine, EngineConfig, GenerateParams
+from server.engine import Engine, EngineConfig
 from server.lora.ops import torch_cpu
-
-
-class Store:
-    def __init__(self, adapters: dict):
-        import hashlib
-        from types import SimpleNamespace
-
-        self.items = {k: (SimpleNamespace(id=k, digest=hashlib.sha256(k.encode()).hexdigest(), owner=None,
-                                          task="generate"), a) for k, a in adapters.items()}
-
-    def get(self, adapter_id, owner=None):
-        return self.items[adapter_id][0]
-
-    def load(self, adapter_id, base=None, digest=None):
-        return self.items[adapter_id][1]
-
-
-def base_model(hidden: int, layers: int) -> BaseModel:
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
-                      head_dim=64, vocab_size=8000, max_position_embeddings=512)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")))
-    tok.eos_token = "<unk>"
-    return BaseModel(f"llama-{hidden}x{layers}", "llama", model, tok, "dummy", ("generate",),
-                     target_modules(model, "llama"))
-
-
-def run(eng: Engine, adapters: list[str | None], tokens: int) -> float:
-    """Generated tokens per second for one request per entry of ``adapters`` (None = base)."""
-    g = torch.Generator().manual_seed(1)
-    handles = []
-    start = time.perf_counter()
-    for a in adapters:
-        prompt = torch.randint(5, 8000, (16,), generator=g).tolist()
-        handles.append(eng.submit_generate(GenerateParams(prompt_ids=prompt, adapter_id=a, max_tokens=tokens,
-                                                          temperature=0.0, ignore_eos=True)))
-    n = sum(len(ev.token_ids) for h in handles for ev in h.events_sync(timeout=600))
-    return n / (time.perf_counter() - start)
 
 
 def _old_rows(self, plan, slots) -> bool:  # before the measured rule: gather below 4 tokens per segment
