@@ -1,8 +1,10 @@
 """Mixed-adapter serving against the base, in-process through the real engine, side by side in one run:
 --streams concurrent greedy requests of --tokens new tokens each, (a) base only, (b) every request on one
-adapter (merge mode off and on), (c) requests spread over --adapters adapters, each with the op's old
-fixed threshold (grouped GEMMs from 4 tokens per segment) and with the measured cost rule. Random Llama
-weights of the given shape (speed only). Rounds alternate; each figure keeps its best round.
+adapter (merge mode off and on), (c) requests spread over --adapters adapters, with the op forced to the
+per-token rows gather (the choice before the dense formulation) and with its cost model (``auto``).
+Random Llama weights of the given shape (speed only). Rounds alternate; each figure keeps its best round.
+Two figures per case: wall-clock tokens/s, and tokens per CPU-second of this process (robust when other
+processes share the cores).
 
     RANKSERVE_CACHE=.cache .venv/bin/python bench/bench_mix.py            # hidden 256, 4 layers, ~2 min
 """
@@ -10,25 +12,13 @@ weights of the given shape (speed only). Rounds alternate; each figure keeps its
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from bench_ab_engine import Store, base_model, run
 
 from adapters_store.synth import random_adapter
 from server.engine import Engine, EngineConfig
-from server.lora.ops import torch_cpu
-
-
-def _old_rows(self, plan, slots) -> bool:  # before the measured rule: gather below 4 tokens per segment
-    return plan.rows is not None and len(plan.order) < 4 * plan.num_segments
-
-
-def _old_grouped(self, bp, slots, itemsize) -> bool:
-    return (torch_cpu.HAS_GROUPED_MM and torch_cpu.aligned(slots.d_in, slots.d_out, bp.rank, itemsize)
-            and bp.num_tokens >= 4 * bp.num_segments)
-
-
-OLD_RULE = (_old_rows, _old_grouped)
 
 
 def main() -> None:
@@ -54,25 +44,27 @@ def main() -> None:
         "base only": (engines[False], [None] * args.streams, None),
         "one adapter, merge off": (engines[False], ["a0"] * args.streams, None),
         "one adapter, merge on (default)": (engines[True], ["a0"] * args.streams, None),
-        f"{args.adapters} adapters, old threshold": (engines[False], mixed, "old"),
-        f"{args.adapters} adapters, measured rule": (engines[False], mixed, "new"),
+        f"{args.adapters} adapters, rows gather": (engines[False], mixed, "gather"),
+        f"{args.adapters} adapters, cost model (auto)": (engines[False], mixed, "auto"),
     }
-    op = torch_cpu.TorchLowRank
-    measured = (op._rows, op._grouped)
     best = dict.fromkeys(cases, 0.0)
+    best_cpu = dict.fromkeys(cases, 0.0)
     try:
         for _ in range(args.rounds):
-            for name, (eng, ads, rule) in cases.items():
-                op._rows, op._grouped = OLD_RULE if rule == "old" else measured
-                best[name] = max(best[name], run(eng, ads, args.tokens))
+            for name, (eng, ads, strategy) in cases.items():
+                eng.pool.op.strategy = strategy or "auto"
+                cpu = time.process_time()
+                tps = run(eng, ads, args.tokens)
+                per_cpu = args.streams * args.tokens / (time.process_time() - cpu)
+                best[name], best_cpu[name] = max(best[name], tps), max(best_cpu[name], per_cpu)
     finally:
-        op._rows, op._grouped = measured
         for e in engines.values():
             e.shutdown()
     print(f"hidden {args.hidden}, {args.layers} layers, {args.streams} streams x {args.tokens} tokens, "
           f"LoRA r=8 on every projection, torch {torch.__version__}, 1 thread, best of {args.rounds}")
-    for name, tps in best.items():
-        print(f"  {name:<34} {tps:8.0f} tok/s   {tps / best['base only']:.2f} x base")
+    for name in cases:
+        print(f"  {name:<36} {best[name]:8.0f} tok/s  {best[name] / best['base only']:.2f} x base   "
+              f"{best_cpu[name]:8.0f} tok/CPU-s  {best_cpu[name] / best_cpu['base only']:.2f} x base")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Where each formulation of the torch low-rank op wins on this CPU: per-token row gather vs grouped GEMMs
-over adapter segments (``torch._grouped_mm``), for one module, side by side in one run (interleaved, best
-of --repeat), over tokens per adapter segment, distinct adapters, rank and module shape. Prints the time
-of each and grouped/gather: the ``auto`` strategy should pick grouped only where that ratio is below 1.
+"""Where each formulation of the torch low-rank op wins on this CPU: per-token row gather, dense over the
+step's adapters (two GEMMs over every token, masked) and grouped GEMMs over adapter segments
+(``torch._grouped_mm``), for one module, side by side in one run (interleaved, best of --repeat), over
+tokens per adapter segment, distinct adapters, rank and module shape. Times are the calling thread's CPU
+time (torch runs on one thread here), so other processes on a shared machine barely move them. The last
+columns say which formulation won and what ``auto`` picks (and its cost over the winner's).
 
-    RANKSERVE_CACHE=.cache .venv/bin/python bench/bench_op_choice.py            # ~1 min on 2 cores
+    RANKSERVE_CACHE=.cache .venv/bin/python bench/bench_op_choice.py            # ~3 min on 2 cores
 """
 
 from __future__ import annotations
@@ -36,29 +38,33 @@ def pool_for(d_in: int, d_out: int, adapters: int, rank: int) -> tuple[AdapterPo
 
 def timed(fn, n: int) -> float:
     fn()
-    start = time.perf_counter()
+    start = time.thread_time()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - start) / n
+    return (time.thread_time() - start) / n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--shapes", type=lambda v: [tuple(map(int, s.split("x"))) for s in v.split(",")],
+                    default=[(256, 256), (256, 688), (576, 576), (576, 1536), (2048, 2048)],
+                    help="module shapes d_inxd_out, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if not HAS_GROUPED_MM:
         raise SystemExit("torch._grouped_mm is not available on this build: only the gather path exists")
     print(f"torch {torch.__version__}, 1 thread; times per module call in us (best of {args.repeat})")
-    print(f"{'d_in x d_out':>13} {'rank':>4} {'adapters':>8} {'tok/seg':>7} {'gather':>8} {'grouped':>8} "
-          f"{'grouped/gather':>14}")
-    ops = {"gather": TorchLowRank("gather"), "grouped": TorchLowRank("grouped")}
-    for d_in, d_out in ((256, 256), (256, 688), (576, 576), (576, 1536), (2048, 2048)):
+    names = ("gather", "dense", "grouped", "auto")
+    print(f"{'d_in x d_out':>13} {'rank':>4} {'adapters':>8} {'tok/seg':>7} "
+          + " ".join(f"{n:>8}" for n in names) + f" {'best':>8} {'auto/best':>9}")
+    ops = {n: TorchLowRank(n) for n in names}
+    for d_in, d_out in args.shapes:
         for rank in (8, 16):
-            for adapters in (1, 5, 16):
+            for adapters in (2, 5, 8, 16):
                 pool, slots = pool_for(d_in, d_out, max(adapters, 2), rank)
-                for per_seg in (1, 2, 4, 8, 16, 32, 64, 128):
+                for per_seg in (1, 2, 4, 8, 32, 128):
                     T = per_seg * adapters
                     token_slots = torch.tensor(slots[:adapters]).repeat_interleave(per_seg)
                     x = torch.randn(T, d_in)
@@ -74,8 +80,10 @@ def main() -> None:
                                 return op(x, y0.clone(), plan, module)
 
                             best[name] = min(best[name], timed(call, args.iters))
-                    print(f"{d_in:>6} x {d_out:<5} {rank:>4} {adapters:>8} {per_seg:>7} {best['gather'] * 1e6:>8.0f} "
-                          f"{best['grouped'] * 1e6:>8.0f} {best['grouped'] / best['gather']:>14.2f}", flush=True)
+                    won = min(names[:3], key=best.__getitem__)
+                    print(f"{d_in:>6} x {d_out:<5} {rank:>4} {adapters:>8} {per_seg:>7} "
+                          + " ".join(f"{best[n] * 1e6:>8.0f}" for n in names)
+                          + f" {won:>8} {best['auto'] / best[won]:>9.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,32 @@ def test_merged_forward_equals_batched_forward_and_unmerge_is_bitwise(llama, met
         assert torch.equal(llama.model(input_ids=ids).logits, base_logits)
 
 
+def test_later_merges_reuse_the_kept_w0_and_start_from_it(llama):
+    """A second merge reads no weight copy again (the kept W0 are the same tensors) and folds the adapter
+    into W0, not into what an earlier merge left: after merge a, unmerge, merge b, each weight equals
+    ``merged_weight(W0, b)`` (the plain fp32 reference) and unmerge restores W0 bitwise."""
+    from adapters_store.semantics import merged_weight
+
+    pool = AdapterPool(llama, "cpu", torch.float32, max_slots=4, max_rank=16)
+    pool.install()
+    a = random_adapter(llama, "dora", rank=8, seed=3, std=0.1)
+    b = random_adapter(llama, "lora", rank=8, seed=4, std=0.1)
+    pool.acquire("a", lambda: a)
+    pool.acquire("b", lambda: b)
+    w0 = weights(llama.model)
+    pool.merge("a")
+    kept = dict(pool._w0)
+    assert set(kept) == set(a.modules)
+    pool.unmerge()
+    pool.merge("b")
+    assert all(pool._w0[p] is kept[p] for p in kept)  # no second copy of the weights
+    for path, mw in b.modules.items():
+        want = merged_weight(w0[path + ".weight"], mw)
+        torch.testing.assert_close(llama.model.get_submodule(path).weight, want, atol=1e-6, rtol=1e-6)
+    pool.unmerge()
+    assert all(torch.equal(v, w0[k]) for k, v in llama.model.state_dict().items())
+
+
 def test_mor_is_refused_and_nothing_changes(llama):
     pool = AdapterPool(llama, "cpu", torch.float32, max_slots=2, max_rank=64)
     pool.install()

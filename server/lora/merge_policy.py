@@ -16,7 +16,8 @@ from collections.abc import Iterable
 from server.common.metrics import Metrics
 from server.lora.pool import AdapterPool
 
-MERGE_AFTER_STEPS = 3  # consecutive single-adapter steps before the adapter is folded in (at first)
+MERGE_AFTER_STEPS = 1  # consecutive single-adapter steps before the adapter is folded in (at first): a merge
+#   is one in-place pass over the adapted weights (W0 copies are kept after the first), about one step's cost
 MAX_WAIT_STEPS = 256
 LONG_MERGE_STEPS = 64
 

@@ -12,7 +12,7 @@ the device in one transfer; layers read it and never call ``.item()`` or ``.toli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,6 +82,12 @@ class BatchPlan:
     single: tuple[int, int, int] | None = None  # (bucket, local slot, rank rows) when ONE adapter has tokens
     mor_pos: torch.Tensor | None = None  # [m] long: positions of the MoR tokens among the rows' N tokens
     mor_index: torch.Tensor | None = None  # [m] long: their MoR table entries
+    dense_rows: torch.Tensor | None = None  # [K * R] long: flat-table rows of the step's K adapters (their
+    #   rank rows padded to R with the zero row); set when K <= DENSE_MAX_ADAPTERS and no token uses MoR
+    dense_mask: torch.Tensor | None = None  # [T, K * R] in the pool dtype: 1 where column k*R + j belongs
+    #   to the token's own adapter (all zero for base tokens)
+    choices: dict = field(default_factory=dict, compare=False)  # the op's formulation per module shape,
+    #   decided once per step (host work per module: one dict lookup)
 
     @property
     def has_adapters(self) -> bool:
@@ -89,8 +95,9 @@ class BatchPlan:
 
 
 def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device | str,
-               merged_slot: int | None = None) -> BatchPlan:
-    """Plan one step. ``token_slots`` may live on any device; it is read once on the host here."""
+               merged_slot: int | None = None, dtype: torch.dtype = torch.float32) -> BatchPlan:
+    """Plan one step. ``token_slots`` may live on any device; it is read once on the host here. ``dtype``
+    is the activations' (the dense formulation's mask)."""
     host = token_slots.detach().to("cpu", torch.long).reshape(-1)  # [T]
     T = int(host.shape[0])
     S = table.num_slots
@@ -155,8 +162,25 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
     mor_all = torch.where(known, table.mor_index[subject], -1)  # [N]
     mor_pos = (mor_all >= 0).nonzero().squeeze(1)
     h_mor = (pack.add(mor_pos), pack.add(mor_all[mor_pos])) if mor_pos.numel() else None
+    # Dense over the step's few adapters: their rank rows side by side as K*R columns, each token masked
+    # to its own adapter's R columns (base tokens to none).
+    h_dense = None
+    used = (counts > 0).nonzero().squeeze(1)  # [K] slots in use, ascending
+    K = int(used.shape[0])
+    if 0 < R and K <= DENSE_MAX_ADAPTERS and not mor_pos.numel():
+        k = torch.arange(R)
+        rows_k = torch.where(k[None, :] < table.slot_rank[used][:, None], table.row0[used][:, None] + k,
+                             table.zero_row)  # [K, R]
+        which = torch.full((S,), -1, dtype=torch.long)
+        which[used] = torch.arange(K)
+        h_dense = (pack.add(rows_k), pack.add(torch.where(host >= 0, which[host.clamp(min=0)], -1)))
 
     dev = pack.send(device)
+    dense_mask = None
+    if h_dense is not None:
+        tok_k = dev[h_dense[1]]  # [T] index of the token's adapter among the K, -1 = base
+        col_k = torch.arange(K, device=tok_k.device).repeat_interleave(R)  # [K * R]
+        dense_mask = (tok_k[:, None] == col_k[None, :]).to(dtype)  # [T, K * R]
     buckets = tuple(
         BucketPlan(b, rank, base, longest, start, stop, lo, dev[h[0]].to(torch.int32), dev[h[1]],
                    dev[h[2]].to(torch.int32), dev[h[3]].to(torch.int32),
@@ -167,10 +191,12 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
         num_segments=int((counts > 0).sum()),
         rows=None if h_rows is None else dev[h_rows].view(subject.numel(), R), rows_by_token=by_token,
         single=single,
-        mor_pos=None if h_mor is None else dev[h_mor[0]], mor_index=None if h_mor is None else dev[h_mor[1]])
+        mor_pos=None if h_mor is None else dev[h_mor[0]], mor_index=None if h_mor is None else dev[h_mor[1]],
+        dense_rows=None if h_dense is None else dev[h_dense[0]], dense_mask=dense_mask)
 
 
 ROWS_CAP = 1 << 18  # largest [T_a, R] row table built per step (the gather path is for short segments)
+DENSE_MAX_ADAPTERS = 8  # the dense formulation's GEMMs grow with K: past a few adapters it never wins
 
 
 class _Pack:

@@ -113,6 +113,7 @@ class AdapterPool:
                                    for local in range(n)], dtype=torch.long)
         self._zero_row = sum(r * n for r, n in self.buckets)
         self._merged: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._w0: dict[str, torch.Tensor] = {}  # W0 copies of merged modules, kept for later merges (merge.py)
         self._stats = PoolStats()
         self._stats.capacity_bytes["gpu"] = sum(s.num_bytes() for s in self.slots.values())
         self._stats.capacity_bytes["cpu"] = cpu_bytes
@@ -237,7 +238,7 @@ class AdapterPool:
                               tuple(r for r, _ in self.buckets), self._occupied, self._scaled, self._mor_index,
                               self._row0, self._slot_rank, self._zero_row)
             merged_slot = None if self._merged is None else self._resident[self._merged[0]].slot
-            return build_plan(token_slots, table, self.device, merged_slot)
+            return build_plan(token_slots, table, self.device, merged_slot, self.dtype)
 
     @contextlib.contextmanager
     def step(self, token_slots: torch.Tensor) -> Iterator[BatchPlan]:
@@ -259,7 +260,7 @@ class AdapterPool:
             res = self._resident.get(key)
             if res is None:
                 raise KeyError(f"adapter {key!r} is not resident: acquire it before merging")
-            saved = merging.merge_into(self.layers, res.adapter)
+            saved = merging.merge_into(self.layers, res.adapter, self._w0)
             res.refs += 1
             self._merged = (key, saved)
 

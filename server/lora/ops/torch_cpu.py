@@ -1,23 +1,23 @@
 """The vectorised torch path of the batched low-rank op (CPU, and any device without Triton).
 
-Per step and module: one gather of the adapter tokens' activations x, the correction computed by one of
-the formulations below (never a Python loop over adapters or tokens), scattered back into y with one
-``index_add_``; then out_scale as a per-token row gather of the module's g table (row S = ones).
+Per step and module: the correction is computed by ONE of the formulations below (never a Python loop over
+adapters or tokens), then out_scale as a per-token row gather of the module's g table (row S = ones).
 
 - single (one adapter in the step): two GEMMs on views of its slot, no copy of any weight.
-- rows gather (decode-like steps: less than ``GROUPED_MIN_WORK`` per adapter segment, see there):
-  ``plan.rows`` names, for every token, the flat-table rows of its adapter's rank, padded to the step's
-  largest rank with the zero row. One ``index_select`` + ``bmm`` for the shrink, one weighted
-  ``embedding_bag`` for the expand (reads B^T rows in place), whatever the number of buckets; DRAM reads
-  follow each adapter's rank (the padding reads one cached zero row). When most tokens carry adapters the
-  table is in token order: no gather of x, no scatter into y.
-- grouped (prefill-like steps): per used rank bucket, ``torch._grouped_mm`` over the used local slots
-  lo..hi reads each slot's weights in place. Its CPU build loops over groups (~1 us per empty group,
-  ~4 us per small one), so it pays off only on long segments. Needs torch 2.9+ and 16-byte row strides.
-- bucket gather: per bucket, gathers each token's [R_b, d] rows and runs ``bmm``: the fallback where
-  neither of the above applies (unaligned shapes, a row table over ``plan.ROWS_CAP``).
+- dense (a few adapters, ``plan.dense_rows``): the step's K adapters' rank rows side by side as K*R
+  columns; h = (x A^T) * mask over every token, y += h B. Weights are gathered once per module (K*R rows),
+  not once per token; it does K times the low-rank multiply-adds, in two plain GEMMs.
+- rows gather (``plan.rows``): for every token, the flat-table rows of its adapter's rank, padded to the
+  step's largest rank with the zero row. One ``index_select`` + ``bmm`` for the shrink, one weighted
+  ``embedding_bag`` for the expand (reads B^T rows in place), whatever the number of buckets. When most
+  tokens carry adapters the table is in token order: no gather of x, no scatter into y.
+- grouped (long segments): per used rank bucket, ``torch._grouped_mm`` over the used local slots lo..hi
+  reads each slot's weights in place; a fixed cost per group. Needs torch 2.9+ and 16-byte row strides.
+- bucket gather: per bucket, gathers each token's [R_b, d] rows and runs ``bmm``: the fallback where none
+  of the above applies (unaligned shapes, a row table over ``plan.ROWS_CAP``).
 
-``strategy``: "auto" (the choice above), or "gather" / "grouped" to force one for tests and benchmarks.
+``strategy`` "auto" picks, per step and module shape, the formulation with the lowest cost in a model
+fitted to measurements (``COST``); "gather" / "dense" / "grouped" force one for tests and benchmarks.
 MoR multiplies rank row i*r + j of h by the token's router weight v_i (``route``).
 """
 
@@ -50,21 +50,42 @@ def aligned(*sizes_and_dtype: int) -> bool:
 HAS_GROUPED_MM = _grouped_mm_works()
 
 
-# Grouped GEMMs beat the per-token gather once an adapter segment carries enough work: the gather reads
-# each token's rank rows (tokens x rank x (d_in + d_out) elements), the grouped GEMMs read each adapter
-# once but pay a fixed cost per group. Measured on CPU (bench/bench_op_choice.py, torch 2.13, d_in x d_out
-# from 256 x 256 to 2048 x 2048, ranks 8 and 16, 5 and 16 adapters, 1-128 tokens per segment, one thread),
-# the crossover sits at tokens per segment x rank x (d_in + d_out) of 64K-130K elements; below it grouped
-# was up to 2.3x slower (decode over a few adapters), above it up to 30x faster (prefill).
-GROUPED_MIN_WORK = 96 << 10
+STRATEGIES = ("auto", "grouped", "gather", "dense")
+
+# Cost model, microseconds per module call, D = d_in + d_out, R = rank rows, K = adapters in the step:
+#   gather   c0 + c1 * N*R*D          (N row-table tokens: the per-token rows read)
+#   dense    c0 + c1 * T*K*R*D + c2 * K*R*D   (two GEMMs over all T tokens, plus the K adapters' rows)
+#   grouped  c0 * buckets + c1 * T_a*R*D + c2 * K   (each adapter read once, a fixed cost per group)
+# Least-squares fit (relative error, median 8-14%) of bench/bench_op_choice.py on this 2-core CPU, torch
+# 2.13, one thread, thread CPU time: d 256x256 and 576x1536, ranks 8 and 16, 2-16 adapters, 1-128 tokens
+# per adapter. Only the ratios between formulations matter for the choice.
+COST = {"gather": (22.1, 1.82e-4), "dense": (9.9, 2.68e-5, 2.63e-4), "grouped": (22.8, 7.0e-5, 4.63)}
+
+
+def costs(plan: BatchPlan, d_in: int, d_out: int, grouped_ok: bool) -> dict[str, float]:
+    """Estimated microseconds of each formulation this step can use for a d_in x d_out module."""
+    D = d_in + d_out
+    K = plan.num_segments
+    out = {}
+    if plan.rows is not None:
+        c0, c1 = COST["gather"]
+        out["gather"] = c0 + c1 * plan.rows.numel() * D
+    if plan.dense_rows is not None:
+        c0, c1, c2 = COST["dense"]
+        kr = plan.dense_rows.shape[0]
+        out["dense"] = c0 + c1 * plan.num_tokens * kr * D + c2 * kr * D
+    if grouped_ok:
+        c0, c1, c2 = COST["grouped"]
+        out["grouped"] = c0 * len(plan.buckets) + c1 * sum(bp.num_tokens * bp.rank for bp in plan.buckets) * D + c2 * K
+    return out
 
 
 class TorchLowRank:
     """``op(x, y, plan, slots)``: y [T, d_out] holds W0 x (no bias); returns g * (y + B h') in place."""
 
     def __init__(self, strategy: str = "auto"):
-        if strategy not in ("auto", "grouped", "gather"):
-            raise ValueError(f"strategy {strategy!r} is not one of auto, grouped, gather")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
         if strategy == "grouped" and not HAS_GROUPED_MM:
             raise ValueError("strategy 'grouped' needs torch._grouped_mm on this build")
         self.strategy = strategy
@@ -73,21 +94,46 @@ class TorchLowRank:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, slots: ModuleSlots) -> torch.Tensor:
         if plan.buckets:
             assert plan.order is not None
-            if plan.single is not None and self.strategy == "auto":
+            form = self.choose(plan, slots, x.element_size())
+            if form == "single":
                 self._single(x, y, plan, slots)
-            elif self._rows(plan, slots) and plan.rows_by_token:
+            elif form == "dense":
+                self._dense(x, y, plan, slots)
+            elif form == "gather" and plan.rows_by_token:
                 self._gather_rows(x, y, plan, slots)
-            elif self._rows(plan, slots):
+            elif form == "gather":
                 xs = x.index_select(0, plan.order)  # [T_a, d_in]
                 y.index_add_(0, plan.order, self._gather_rows(xs, None, plan, slots))
-            else:
+            else:  # per bucket: grouped GEMMs where aligned ("grouped"), else the bucket gather
                 xs = x.index_select(0, plan.order)  # [T_a, d_in], adapter tokens sorted by (bucket, slot)
+                grouped = form == "grouped"
                 for bp in plan.buckets:
-                    delta = self._bucket(xs[bp.start:bp.stop], bp, slots)  # [n, d_out]
+                    delta = self._bucket(xs[bp.start:bp.stop], bp, slots, grouped)  # [n, d_out]
                     y.index_add_(0, plan.order[bp.start:bp.stop], delta)
         if plan.scale_rows is not None:
             y.mul_(slots.out_scale.index_select(0, plan.scale_rows))  # [T, d_out] rows of g
         return y
+
+    def choose(self, plan: BatchPlan, slots: ModuleSlots, itemsize: int) -> str:
+        """single, dense, gather, grouped or bucket, for this step and module shape (cached in the plan)."""
+        key = (self.strategy, slots.d_in, slots.d_out)
+        form = plan.choices.get(key)
+        if form is None:
+            form = plan.choices[key] = self._choose(plan, slots, itemsize)
+        return form
+
+    def _choose(self, plan: BatchPlan, slots: ModuleSlots, itemsize: int) -> str:
+        grouped_ok = HAS_GROUPED_MM and all(aligned(slots.d_in, slots.d_out, bp.rank, itemsize) for bp in plan.buckets)
+        if self.strategy == "auto":
+            if plan.single is not None:
+                return "single"
+            options = costs(plan, slots.d_in, slots.d_out, grouped_ok)
+            return min(options, key=options.__getitem__) if options else "bucket"
+        if self.strategy == "dense" and plan.dense_rows is not None:
+            return "dense"
+        if self.strategy == "grouped":
+            return "grouped" if grouped_ok else "bucket"
+        return "gather" if plan.rows is not None else "bucket"
 
     def _single(self, x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, slots: ModuleSlots) -> None:
         """One adapter in the step: two plain GEMMs on views of its slot, no weight copy."""
@@ -106,12 +152,14 @@ class TorchLowRank:
         else:
             y.index_add_(0, plan.order, h @ bt)
 
-    def _rows(self, plan: BatchPlan, slots: ModuleSlots) -> bool:
-        """Decode-like steps (a few tokens per adapter) take one padded gather over every bucket."""
-        if plan.rows is None or self.strategy == "grouped":
-            return False
-        work = len(plan.order) * plan.rows.shape[1] * (slots.d_in + slots.d_out)
-        return self.strategy == "gather" or work < GROUPED_MIN_WORK * plan.num_segments
+    @staticmethod
+    def _dense(x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, slots: ModuleSlots) -> None:
+        """The step's K adapters side by side: h = (x A_K^T) * mask [T, K*R], y += h B_K (two GEMMs over
+        every token, weights gathered once per module, not once per token)."""
+        assert plan.dense_rows is not None and plan.dense_mask is not None
+        a = slots.a_flat.index_select(0, plan.dense_rows)  # [K*R, d_in]
+        bt = slots.bt_flat.index_select(0, plan.dense_rows)  # [K*R, d_out]
+        y.addmm_(torch.mm(x, a.T).mul_(plan.dense_mask), bt)
 
     def _gather_rows(self, xs: torch.Tensor, y: torch.Tensor | None, plan: BatchPlan,
                      slots: ModuleSlots) -> torch.Tensor:
@@ -132,9 +180,9 @@ class TorchLowRank:
         delta = F.embedding_bag(plan.rows, slots.bt_flat, mode="sum", per_sample_weights=h)  # [N, d_out]
         return delta if y is None else y.add_(delta)
 
-    def _bucket(self, xb: torch.Tensor, bp: BucketPlan, slots: ModuleSlots) -> torch.Tensor:
+    @staticmethod
+    def _bucket(xb: torch.Tensor, bp: BucketPlan, slots: ModuleSlots, grouped: bool) -> torch.Tensor:
         a, bt = slots.a[bp.bucket], slots.bt[bp.bucket]  # [n_b, R, d_in], [n_b, R, d_out]
-        grouped = self._grouped(bp, slots, xb.element_size())
         hi = bp.lo + bp.offs.shape[0]  # grouped GEMMs run over the used local slots lo..hi only
         if grouped:
             h = torch._grouped_mm(xb, a[bp.lo:hi].transpose(1, 2), offs=bp.offs)  # [n, R]
@@ -146,14 +194,6 @@ class TorchLowRank:
         if grouped:
             return torch._grouped_mm(h, bt[bp.lo:hi], offs=bp.offs)  # [n, d_out]
         return torch.bmm(h.unsqueeze(1), bt.index_select(0, bp.local_slots)).squeeze(1)
-
-    def _grouped(self, bp: BucketPlan, slots: ModuleSlots, itemsize: int) -> bool:
-        if self.strategy == "gather" or not HAS_GROUPED_MM:
-            return False
-        if not aligned(slots.d_in, slots.d_out, bp.rank, itemsize):
-            return False
-        work = bp.num_tokens * bp.rank * (slots.d_in + slots.d_out)
-        return self.strategy == "grouped" or work >= GROUPED_MIN_WORK * bp.num_segments
 
 
 def route(h: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, entries: torch.Tensor,
