@@ -78,3 +78,37 @@ def test_tiny_llama_mixed_batch_rows_match_alone(tiny_llama):
 
 def test_tiny_bert_mixed_batch_rows_match_alone(tiny_bert):
     run_mixed(tiny_bert, "classify", lambda o: o.last_hidden_state)
+
+
+def test_dense_steps_share_the_shrink_and_never_reuse_stale_rows(tiny_llama):
+    """The dense formulation over the whole model (q/k/v and gate/up each sharing one shrink GEMM) gives
+    every row what its adapter gives alone, and after an adapter leaves and another takes its slot (the
+    same slot set) the next step reads the new adapter's rows, not the kept ones."""
+    base = copy.copy(tiny_llama)
+    base.model = copy.deepcopy(tiny_llama.model)
+    pool = AdapterPool(base, "cpu", torch.float32, buckets=[(8, 1), (16, 1)], backend="torch-dense")  # one slot each
+    pool.install()
+    groups = {m.group for m in pool.slots.values()}
+    assert any(len(g.members) == 3 for g in groups) and any(len(g.members) == 2 for g in groups)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(10, 500, (3, 7), generator=gen)
+
+    def check(adapters: list[CompiledAdapter]) -> None:
+        slots = [pool.acquire(f"k{i}-{id(a)}", lambda a=a: a) for i, a in enumerate(adapters)]
+        token_slots = torch.tensor(slots + [-1])[:, None].expand(-1, 7)[:3].reshape(-1)
+        with torch.no_grad(), pool.step(token_slots) as plan:
+            batched = base.model(input_ids=ids).logits
+        assert plan.dense_rows is not None and set(plan.choices.values()) == {"dense"}
+        for b, adapter in enumerate([*adapters, None][:3]):
+            with torch.no_grad():
+                want = alone(base, adapter)(input_ids=ids[b:b + 1]).logits[0]
+            torch.testing.assert_close(batched[b], want, atol=2e-4, rtol=2e-4)
+        for i, a in enumerate(adapters):
+            pool.release(f"k{i}-{id(a)}")
+
+    first = [random_adapter(base, m, rank=r, seed=20 + i, std=0.08)
+             for i, (m, r) in enumerate([("lora", 8), ("dora", 16)])]
+    check(first)
+    for i, a in enumerate(first):  # free the slots: the next adapters land in the same ones
+        pool.forget(f"k{i}-{id(a)}")
+    check([random_adapter(base, m, rank=r, seed=40 + i, std=0.08) for i, (m, r) in enumerate([("lora", 8), ("dora", 16)])])

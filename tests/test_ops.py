@@ -176,7 +176,7 @@ def test_one_adapter_alone_or_with_base_tokens(form, T):
 
 
 def test_auto_picks_the_cheapest_formulation_of_the_cost_model():
-    """``auto``: one adapter -> single; a few adapters decoding -> dense; many -> the rows gather; long
+    """``auto``: one or a few adapters decoding -> dense; many -> the rows gather; long
     segments -> grouped GEMMs (where torch has them). Each is checked against the reference above."""
     from server.lora.ops.torch_cpu import TorchLowRank, costs
 
@@ -192,12 +192,12 @@ def test_auto_picks_the_cheapest_formulation_of_the_cost_model():
         plan = pool.plan(torch.tensor(slots[:adapters]).repeat_interleave(per_adapter))
         return op.choose(plan, module, 4)
 
-    assert pick(1, 4) == "single"
+    assert pick(1, 4) == "dense"
     assert pick(2, 1) == "dense"
     assert pick(16, 1) == "gather"
     if HAS_GROUPED_MM:
         assert pick(5, 256) == "grouped"
     plan = pool.plan(torch.tensor(slots[:3]))
-    est = costs(plan, 256, 256, HAS_GROUPED_MM)
+    est = costs(plan, [(256, 256)], HAS_GROUPED_MM)
     assert op.choose(plan, module, 4) == min(est, key=est.__getitem__)
     assert plan.choices  # decided once per step and module shape

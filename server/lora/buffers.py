@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters_store.format import ModuleWeights
+from server.lora.groups import ProjectionGroup
 
 
 @dataclass
@@ -38,6 +39,8 @@ class ModuleSlots:
     gate: torch.Tensor | None  # [M, E, d_in]: MoR router weights per MoR table entry, zero past N
     gate_bias: torch.Tensor | None  # [M, E]: 0 for the adapter's N experts, -inf for padding experts
     row_expert: torch.Tensor | None  # [M, R_max] long: expert of each rank row (i for row i*r + j)
+    group: ProjectionGroup | None = None  # the modules reading the same input (set by the pool), see groups.py
+    group_index: int = 0  # this module's place in ``group``
 
     def num_bytes(self) -> int:
         tensors = [self.a_flat, self.bt_flat, self.ranks, self.out_scale]

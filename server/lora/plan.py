@@ -86,6 +86,7 @@ class BatchPlan:
     #   rank rows padded to R with the zero row); set when K <= DENSE_MAX_ADAPTERS and no token uses MoR
     dense_mask: torch.Tensor | None = None  # [T, K * R] in the pool dtype: 1 where column k*R + j belongs
     #   to the token's own adapter (all zero for base tokens)
+    dense_key: tuple | None = None  # (pool generation, the K slots, R): the dense rows stay valid while it holds
     choices: dict = field(default_factory=dict, compare=False)  # the op's formulation per module shape,
     #   decided once per step (host work per module: one dict lookup)
 
@@ -95,9 +96,9 @@ class BatchPlan:
 
 
 def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device | str,
-               merged_slot: int | None = None, dtype: torch.dtype = torch.float32) -> BatchPlan:
+               merged_slot: int | None = None, dtype: torch.dtype = torch.float32, generation: int = 0) -> BatchPlan:
     """Plan one step. ``token_slots`` may live on any device; it is read once on the host here. ``dtype``
-    is the activations' (the dense formulation's mask)."""
+    is the activations' (the dense formulation's mask); ``generation`` counts the pool's slot writes."""
     host = token_slots.detach().to("cpu", torch.long).reshape(-1)  # [T]
     T = int(host.shape[0])
     S = table.num_slots
@@ -192,7 +193,8 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
         rows=None if h_rows is None else dev[h_rows].view(subject.numel(), R), rows_by_token=by_token,
         single=single,
         mor_pos=None if h_mor is None else dev[h_mor[0]], mor_index=None if h_mor is None else dev[h_mor[1]],
-        dense_rows=None if h_dense is None else dev[h_dense[0]], dense_mask=dense_mask)
+        dense_rows=None if h_dense is None else dev[h_dense[0]], dense_mask=dense_mask,
+        dense_key=None if h_dense is None else (generation, tuple(used.tolist()), R))
 
 
 ROWS_CAP = 1 << 18  # largest [T_a, R] row table built per step (the gather path is for short segments)

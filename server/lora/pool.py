@@ -29,6 +29,7 @@ from adapters_store.format import AdapterFormatError, CompiledAdapter
 from server.common.metrics import TIERS
 from server.lora import merge as merging
 from server.lora.buffers import ModuleSlots
+from server.lora.groups import ProjectionGroup, shared_input_groups
 from server.lora.layer import LowRankLinear, StepContext
 from server.lora.ops import select_backend
 from server.lora.plan import BatchPlan, SlotTable, build_plan
@@ -113,6 +114,12 @@ class AdapterPool:
                                    for local in range(n)], dtype=torch.long)
         self._zero_row = sum(r * n for r, n in self.buckets)
         self._merged: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._generation = 0  # slot writes so far: cached gathers of slot rows are keyed on it
+        for members in shared_input_groups(self.slots):
+            if len({self.slots[p].d_in for p in members}) == 1:
+                group = ProjectionGroup([self.slots[p] for p in members])
+                for i, p in enumerate(members):
+                    self.slots[p].group, self.slots[p].group_index = group, i
         self._w0: dict[str, torch.Tensor] = {}  # W0 copies of merged modules, kept for later merges (merge.py)
         self._stats = PoolStats()
         self._stats.capacity_bytes["gpu"] = sum(s.num_bytes() for s in self.slots.values())
@@ -238,7 +245,7 @@ class AdapterPool:
                               tuple(r for r, _ in self.buckets), self._occupied, self._scaled, self._mor_index,
                               self._row0, self._slot_rank, self._zero_row)
             merged_slot = None if self._merged is None else self._resident[self._merged[0]].slot
-            return build_plan(token_slots, table, self.device, merged_slot, self.dtype)
+            return build_plan(token_slots, table, self.device, merged_slot, self.dtype, self._generation)
 
     @contextlib.contextmanager
     def step(self, token_slots: torch.Tensor) -> Iterator[BatchPlan]:
@@ -349,6 +356,7 @@ class AdapterPool:
     def _write(self, slot: int, mor_entry: int, rank_rows: int, adapter: CompiledAdapter) -> None:
         b = self._bucket_of(slot)
         local = slot - self.bucket_base[b]
+        self._generation += 1
         for path, module_slots in self.slots.items():
             module_slots.write(slot, b, local, mor_entry, adapter.modules.get(path))
         self._occupied[slot] = True

@@ -3,10 +3,11 @@
 Per step and module: the correction is computed by ONE of the formulations below (never a Python loop over
 adapters or tokens), then out_scale as a per-token row gather of the module's g table (row S = ones).
 
-- single (one adapter in the step): two GEMMs on views of its slot, no copy of any weight.
-- dense (a few adapters, ``plan.dense_rows``): the step's K adapters' rank rows side by side as K*R
-  columns; h = (x A^T) * mask over every token, y += h B. Weights are gathered once per module (K*R rows),
-  not once per token; it does K times the low-rank multiply-adds, in two plain GEMMs.
+- single (one MoR adapter in the step): two GEMMs on views of its slot, no copy of any weight.
+- dense (one or a few adapters, ``plan.dense_rows``): the step's K adapters' rank rows side by side as
+  K*R columns; h = (x A^T) * mask over every token, y += h B. It does K times the low-rank multiply-adds,
+  in two plain GEMMs; projections reading one input share the shrink GEMM and the K adapters' rows are
+  kept across steps (``groups.ProjectionGroup``), so steady decoding gathers no weight at all.
 - rows gather (``plan.rows``): for every token, the flat-table rows of its adapter's rank, padded to the
   step's largest rank with the zero row. One ``index_select`` + ``bmm`` for the shrink, one weighted
   ``embedding_bag`` for the expand (reads B^T rows in place), whatever the number of buckets. When most
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from server.lora.buffers import ModuleSlots
+from server.lora.groups import ProjectionGroup
 from server.lora.plan import BatchPlan, BucketPlan
 
 
@@ -62,21 +64,22 @@ STRATEGIES = ("auto", "grouped", "gather", "dense")
 COST = {"gather": (22.1, 1.82e-4), "dense": (9.9, 2.68e-5, 2.63e-4), "grouped": (22.8, 7.0e-5, 4.63)}
 
 
-def costs(plan: BatchPlan, d_in: int, d_out: int, grouped_ok: bool) -> dict[str, float]:
-    """Estimated microseconds of each formulation this step can use for a d_in x d_out module."""
-    D = d_in + d_out
+def costs(plan: BatchPlan, shapes: list[tuple[int, int]], grouped_ok: bool) -> dict[str, float]:
+    """Estimated microseconds of each formulation this step can use for modules of ``shapes`` [(d_in,
+    d_out)] that read one input: the dense one shares the shrink and keeps its rows across steps (no
+    gather term, one fixed cost), the others run per module."""
     K = plan.num_segments
     out = {}
     if plan.rows is not None:
         c0, c1 = COST["gather"]
-        out["gather"] = c0 + c1 * plan.rows.numel() * D
+        out["gather"] = sum(c0 + c1 * plan.rows.numel() * (d_in + d_out) for d_in, d_out in shapes)
     if plan.dense_rows is not None:
-        c0, c1, c2 = COST["dense"]
-        kr = plan.dense_rows.shape[0]
-        out["dense"] = c0 + c1 * plan.num_tokens * kr * D + c2 * kr * D
+        c0, c1, _ = COST["dense"]
+        out["dense"] = c0 + c1 * plan.num_tokens * plan.dense_rows.shape[0] * sum(a + b for a, b in shapes)
     if grouped_ok:
         c0, c1, c2 = COST["grouped"]
-        out["grouped"] = c0 * len(plan.buckets) + c1 * sum(bp.num_tokens * bp.rank for bp in plan.buckets) * D + c2 * K
+        work = sum(bp.num_tokens * bp.rank for bp in plan.buckets)
+        out["grouped"] = sum(c0 * len(plan.buckets) + c1 * work * (d_in + d_out) + c2 * K for d_in, d_out in shapes)
     return out
 
 
@@ -115,19 +118,23 @@ class TorchLowRank:
         return y
 
     def choose(self, plan: BatchPlan, slots: ModuleSlots, itemsize: int) -> str:
-        """single, dense, gather, grouped or bucket, for this step and module shape (cached in the plan)."""
-        key = (self.strategy, slots.d_in, slots.d_out)
+        """single, dense, gather, grouped or bucket, for this step and the module's group of projections
+        reading one input (one choice for the whole group; cached in the plan per group shape)."""
+        members = [slots] if slots.group is None else slots.group.members
+        shapes = tuple((m.d_in, m.d_out) for m in members)
+        key = (self.strategy, shapes)
         form = plan.choices.get(key)
         if form is None:
-            form = plan.choices[key] = self._choose(plan, slots, itemsize)
+            form = plan.choices[key] = self._choose(plan, list(shapes), itemsize)
         return form
 
-    def _choose(self, plan: BatchPlan, slots: ModuleSlots, itemsize: int) -> str:
-        grouped_ok = HAS_GROUPED_MM and all(aligned(slots.d_in, slots.d_out, bp.rank, itemsize) for bp in plan.buckets)
+    def _choose(self, plan: BatchPlan, shapes: list[tuple[int, int]], itemsize: int) -> str:
+        grouped_ok = HAS_GROUPED_MM and all(aligned(d_in, d_out, bp.rank, itemsize)
+                                            for d_in, d_out in shapes for bp in plan.buckets)
         if self.strategy == "auto":
-            if plan.single is not None:
+            if plan.single is not None and plan.dense_rows is None:  # MoR: the dense form has no router
                 return "single"
-            options = costs(plan, slots.d_in, slots.d_out, grouped_ok)
+            options = costs(plan, shapes, grouped_ok)
             return min(options, key=options.__getitem__) if options else "bucket"
         if self.strategy == "dense" and plan.dense_rows is not None:
             return "dense"
@@ -154,12 +161,13 @@ class TorchLowRank:
 
     @staticmethod
     def _dense(x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, slots: ModuleSlots) -> None:
-        """The step's K adapters side by side: h = (x A_K^T) * mask [T, K*R], y += h B_K (two GEMMs over
-        every token, weights gathered once per module, not once per token)."""
-        assert plan.dense_rows is not None and plan.dense_mask is not None
-        a = slots.a_flat.index_select(0, plan.dense_rows)  # [K*R, d_in]
-        bt = slots.bt_flat.index_select(0, plan.dense_rows)  # [K*R, d_out]
-        y.addmm_(torch.mm(x, a.T).mul_(plan.dense_mask), bt)
+        """The step's K adapters side by side: h = (x A_K^T) * mask [T, K*R], y += h B_K: two GEMMs over
+        every token, the shrink shared by the modules reading the same x, the K adapters' rows kept
+        across steps (``groups.ProjectionGroup``)."""
+        group = slots.group
+        if group is None:  # a pool built without groups (not through AdapterPool)
+            group = slots.group = ProjectionGroup([slots])
+        y.addmm_(group.dense_h(x, plan, slots.group_index), group.dense_bt(plan, slots.group_index))
 
     def _gather_rows(self, xs: torch.Tensor, y: torch.Tensor | None, plan: BatchPlan,
                      slots: ModuleSlots) -> torch.Tensor:
