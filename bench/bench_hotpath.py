@@ -1,0 +1,225 @@
+"""The hot-path issue's table in one run: every figure side by side, in-process through the engine, each
+beside its floor (DESIGN.md section 7), on random Llama weights (speed only, never quality).
+
+    RANKSERVE_CACHE=.cache .venv/bin/python bench/bench_hotpath.py              # ~10 min on 2 cores
+    RANKSERVE_CACHE=.cache .venv/bin/python bench/bench_hotpath.py --quick      # fewer rounds and adapters
+
+Workload of every row: --streams concurrent greedy requests, 16-token random prompts, --tokens new tokens
+each (``ignore_eos``), submitted at once. Engine settings are the server's defaults that matter here
+(merge mode on, the op's cost model), 512 batch tokens, one torch thread.
+
+  fixture S (hidden 256, 4 layers)   base | one adapter | one adapter, merge off | 5 adapters |
+                                      5 adapters with the rows gather forced (the op's choice before)
+  fixture M (hidden 512, 8 layers)   base | one adapter | 16 adapters | HF ``generate`` base-only
+  cold (fixture S, a real on-disk store of --cold adapters): every request on an adapter in no tier
+                                      vs the same requests over 5 warm adapters (tokens/s, TTFT p99)
+
+Each case runs --rounds times, cases interleaved; each keeps its best round. Two figures per case:
+wall-clock tokens/s and tokens per CPU-second of this process (the engine runs in-process with one
+thread, so CPU time is the work really done even while other tenants hold the cores). Ratios are taken
+within a fixture, base = 1. The floor of a case is max(FLOPs / peak FLOP/s, bytes / peak bandwidth) of
+its useful work (``bench_serving.floor_seconds``), peaks measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_ab_engine import Store, base_model  # noqa: E402
+from bench_serving import floor_seconds, peaks  # noqa: E402
+
+from adapters_store.store import AdapterStore  # noqa: E402
+from adapters_store.synth import random_adapter  # noqa: E402
+from server.engine import Engine, EngineConfig, GenerateParams  # noqa: E402
+
+PROMPT_LEN = 16
+
+
+def engine_for(base, store, merge: bool = True, streams: int = 32) -> Engine:
+    eng = Engine(base, store, EngineConfig(max_running=streams, max_batch_tokens=512, max_model_len=256,
+                                           kv_cache_bytes=64 << 20, merge_single_adapter=merge))
+    eng.start()
+    return eng
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 8000, (PROMPT_LEN,), generator=g).tolist() for _ in range(n)]
+
+
+def run(eng: Engine, adapters: list[str | None], tokens: int, seed: int = 1) -> dict:
+    """All requests at once; tokens/s, tokens per CPU-second, TTFT p50/p99 (s)."""
+    ids = prompts(len(adapters), seed)
+
+    async def go() -> tuple[int, list[float]]:
+        t0 = time.perf_counter()
+
+        async def one(p: list[int], a: str | None) -> tuple[int, float]:
+            h = eng.submit_generate(GenerateParams(prompt_ids=p, adapter_id=a, max_tokens=tokens, temperature=0.0,
+                                                   ignore_eos=True))
+            n, first = 0, None
+            async for ev in h.events():
+                if ev.error is not None:
+                    raise RuntimeError(f"request failed: {ev.error}")
+                if first is None and ev.token_ids:
+                    first = time.perf_counter() - t0
+                n += len(ev.token_ids)
+            return n, first or 0.0
+
+        res = await asyncio.gather(*(one(p, a) for p, a in zip(ids, adapters, strict=True)))
+        return sum(n for n, _ in res), sorted(f for _, f in res)
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    n, ttft = asyncio.run(go())
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if n != len(adapters) * tokens:
+        raise RuntimeError(f"{n} tokens generated, expected {len(adapters) * tokens}")
+    return {"tok_s": n / wall, "tok_cpu": n / cpu, "cpu_s": cpu,
+            "ttft_p50": statistics.median(ttft), "ttft_p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]}
+
+
+def best(runs: list[dict]) -> dict:
+    return {k: (min if k.startswith(("ttft", "cpu_s")) else max)(r[k] for r in runs) for k in runs[0]}
+
+
+def hf_generate(base, n: int, tokens: int) -> dict:
+    """The base alone through HF ``generate`` on the same batch (left-padding is moot: equal lengths)."""
+    batch = torch.tensor(prompts(n, 1))
+    model = base.model
+    cpu, wall = time.process_time(), time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=tokens,
+                             min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    made = (out.shape[1] - batch.shape[1]) * n
+    return {"tok_s": made / wall, "tok_cpu": made / cpu, "cpu_s": cpu, "ttft_p50": 0.0, "ttft_p99": 0.0}
+
+
+def floor_of(base, adapters_by_id: dict, ids: list[str | None], tokens: int, pf: float, bw: float) -> float:
+    """Seconds of the floor for one round of this case (per CPU second: one thread)."""
+    names = sorted({a for a in ids if a is not None})
+    ads = [adapters_by_id[a] for a in names]
+    reqs = [([0] * PROMPT_LEN, names.index(a) if a is not None else None) for a in ids]
+    if not ads:
+        return floor_seconds(base, [(p, 0) for p, _ in reqs], None, tokens, pf, bw)
+    return floor_seconds(base, reqs, ads, tokens, pf, bw)
+
+
+def table(title: str, results: dict[str, dict], floors: dict[str, float], n_tokens: int) -> None:
+    print(f"\n{title}")
+    print(f"  {'case':<38}{'tok/s':>8}{'x base':>8}{'tok/CPU-s':>11}{'x base':>8}{'TTFT p99 s':>11}"
+          f"{'CPU/floor':>10}")
+    b = results["base"]
+    for name, r in results.items():
+        ratio = f"{r['cpu_s'] / floors[name]:.1f}" if name in floors else "-"
+        print(f"  {name:<38}{r['tok_s']:>8.0f}{r['tok_s'] / b['tok_s']:>8.2f}{r['tok_cpu']:>11.0f}"
+              f"{r['tok_cpu'] / b['tok_cpu']:>8.2f}{r['ttft_p99']:>11.3f}{ratio:>10}")
+
+
+def fixture_s(args, pf: float, bw: float) -> None:
+    base = base_model(256, 4)
+    ads = {f"a{i}": random_adapter(base, "lora", 8, seed=i, std=0.05) for i in range(5)}
+    merged, unmerged = engine_for(base_model(256, 4), Store(ads)), engine_for(base_model(256, 4), Store(ads), False)
+    mixed = [f"a{i % 5}" for i in range(args.streams)]
+    cases = {"base": (merged, [None] * args.streams, "auto"),
+             "one adapter (merge on, default)": (merged, ["a0"] * args.streams, "auto"),
+             "one adapter, merge off": (unmerged, ["a0"] * args.streams, "auto"),
+             "5 adapters": (unmerged, mixed, "auto"),
+             "5 adapters, rows gather forced": (unmerged, mixed, "gather")}
+    runs: dict[str, list[dict]] = {k: [] for k in cases}
+    try:
+        for _ in range(args.rounds):
+            for name, (eng, ids, strategy) in cases.items():
+                eng.pool.op.strategy = strategy
+                runs[name].append(run(eng, ids, args.tokens))
+    finally:
+        merged.shutdown()
+        unmerged.shutdown()
+    floors = {name: floor_of(base, ads, ids, args.tokens, pf, bw) for name, (_, ids, _) in cases.items()}
+    table(f"fixture S: hidden 256, 4 layers, LoRA r=8 on all 7 projections, {args.streams} streams x "
+          f"{args.tokens} tokens", {k: best(v) for k, v in runs.items()}, floors, args.tokens)
+
+
+def fixture_m(args, pf: float, bw: float) -> None:
+    base = base_model(512, 8)
+    ads = {f"a{i}": random_adapter(base, "lora", 8, seed=i, std=0.05) for i in range(16)}
+    eng = engine_for(base, Store(ads))
+    cases = {"base": [None] * args.streams, "one adapter (merge on, default)": ["a0"] * args.streams,
+             "16 adapters": [f"a{i % 16}" for i in range(args.streams)]}
+    runs: dict[str, list[dict]] = {k: [] for k in [*cases, "HF generate, base only"]}
+    try:
+        for _ in range(args.rounds):
+            for name, ids in cases.items():
+                runs[name].append(run(eng, ids, args.tokens))
+            eng.merging.unmerge()  # HF generate runs the same modules (F.linear without a plan): W0, unmerged
+            runs["HF generate, base only"].append(hf_generate(base, args.streams, args.tokens))
+    finally:
+        eng.shutdown()
+    floors = {name: floor_of(base, ads, ids, args.tokens, pf, bw) for name, ids in cases.items()}
+    floors["HF generate, base only"] = floors["base"]
+    table(f"fixture M: hidden 512, 8 layers, LoRA r=8 on all 7 projections, {args.streams} streams x "
+          f"{args.tokens} tokens", {k: best(v) for k, v in runs.items()}, floors, args.tokens)
+
+
+def cold(args, pf: float, bw: float) -> None:
+    base = base_model(256, 4)
+    tmp = Path(tempfile.mkdtemp(prefix="rankserve-hotpath-"))
+    store = AdapterStore(tmp / "store")
+    t = time.perf_counter()
+    for i in range(args.cold):
+        store.put(f"c{i}", random_adapter(base, "lora", 8, seed=100 + i, std=0.05).to_bytes(), base=base)
+    print(f"\n(cold store: {args.cold} adapters written in {time.perf_counter() - t:.0f} s)")
+    warm = engine_for(base_model(256, 4), store)
+    coldeng = engine_for(base_model(256, 4), AdapterStore(tmp / "store"))
+    n = min(args.cold, args.cold_requests)
+    fresh = iter(range(args.cold))
+    runs: dict[str, list[dict]] = {"base": [], "5 warm adapters": [], f"each request a cold adapter (of {args.cold})": []}
+    try:
+        run(warm, [f"c{i % 5}" for i in range(n)], args.tokens)  # warm up the 5
+        for _ in range(args.rounds):
+            runs["base"].append(run(warm, [None] * n, args.tokens))
+            runs["5 warm adapters"].append(run(warm, [f"c{i % 5}" for i in range(n)], args.tokens))
+            ids = [f"c{next(fresh, None)}" for _ in range(n)]
+            if "cNone" in ids:
+                break
+            runs[f"each request a cold adapter (of {args.cold})"].append(run(coldeng, ids, args.tokens))
+    finally:
+        warm.shutdown()
+        coldeng.shutdown()
+    table(f"cold adapters: hidden 256, 4 layers, {n} requests at once x {args.tokens} tokens, a real store on disk",
+          {k: best(v) for k, v in runs.items() if v}, {}, args.tokens)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cold", type=int, default=1000, help="adapters in the cold-load store")
+    ap.add_argument("--cold-requests", type=int, default=128, help="requests per cold round")
+    ap.add_argument("--quick", action="store_true", help="--rounds 2 --cold 300")
+    ap.add_argument("--only", choices=("S", "M", "cold"), action="append")
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.cold = 2, 300
+    torch.set_num_threads(1)
+    pf, bw = peaks()
+    print(f"torch {torch.__version__}, 1 thread; peaks per CPU second: {pf / 1e9:.1f} GFLOP/s, {bw / 1e9:.1f} GB/s")
+    for part, fn in (("S", fixture_s), ("M", fixture_m), ("cold", cold)):
+        if not args.only or part in args.only:
+            fn(args, pf, bw)
+
+
+if __name__ == "__main__":
+    main()
