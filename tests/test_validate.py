@@ -199,3 +199,19 @@ def test_mutated_files_fail_only_with_format_errors(tiny_llama):
             assert e.problems and all(isinstance(p, str) and p for p in e.problems)
 
     check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_count_nonfinite_counts_exactly_even_when_the_sum_overflows(dtype):
+    """The finite-sum shortcut never hides a NaN/Inf and never counts an overflowing sum of finite values."""
+    from adapters_store.validate import FINITE_CHUNK, count_nonfinite
+
+    big = torch.finfo(dtype).max
+    assert count_nonfinite(torch.full((8,), big, dtype=dtype)) == 0  # the sum overflows; the values are finite
+    t = torch.randn(FINITE_CHUNK * 2 + 5).to(dtype)
+    assert count_nonfinite(t) == 0
+    t[[3, FINITE_CHUNK + 1, FINITE_CHUNK * 2 + 4]] = torch.tensor([float("nan"), float("inf"), -float("inf")],
+                                                                  dtype=dtype)
+    t[7] = -float("inf")
+    t[8] = float("inf")  # inf + -inf in one chunk: the sum is NaN, still counted
+    assert count_nonfinite(t) == 5
