@@ -119,6 +119,31 @@ def test_cpu_tier_is_bounded_in_bytes_and_serves_hits():
     assert pool.stats.capacity_bytes["cpu"] == 2 * one and pool.stats.capacity_bytes["gpu"] > 0
 
 
+def test_prefetched_adapters_stay_in_the_cpu_tier_until_their_first_acquire():
+    """Prefetches for waiting requests are never evicted before use, even past the tier's bytes; once
+    acquired (or once the hold lapses) they are ordinary LRU entries again."""
+    import time
+
+    one = loader(8)().num_bytes()
+    calls: list[int] = []
+    pool = make_pool(buckets=[(8, 2)], cpu_bytes=one)  # room for ONE adapter
+    for key, seed in (("a", 1), ("b", 2), ("c", 3)):
+        pool.put_cpu(key, loader(8, seed=seed)(), hold_s=60)
+    assert pool.stats.resident["cpu"] == 3 and pool.stats.evictions["cpu"] == 0  # held: over budget
+    for key in ("a", "b"):
+        pool.acquire(key, loader(8, calls=calls))  # served from the CPU tier: no read
+        pool.release(key)
+    assert calls == []
+    pool.put_cpu("d", loader(8, seed=4)())  # unheld entries (a, b, d) go back to the budget; c is still held
+    assert pool.cached("c") and not pool.cached("d") and pool.stats.resident["cpu"] == 1
+    pool.acquire("c", loader(8, calls=calls))
+    assert calls == []
+    pool.put_cpu("e", loader(8, seed=5)(), hold_s=0.01)
+    time.sleep(0.02)
+    pool.put_cpu("f", loader(8, seed=6)())  # e's hold lapsed: evictable
+    assert pool.stats.resident_bytes["cpu"] <= one
+
+
 def test_forget_drops_idle_now_and_pinned_at_last_release():
     calls: list[int] = []
     pool = make_pool(buckets=[(8, 2)])

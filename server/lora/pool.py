@@ -29,6 +29,7 @@ from adapters_store.format import AdapterFormatError, CompiledAdapter
 from server.common.metrics import TIERS
 from server.lora import merge as merging
 from server.lora.buffers import ModuleSlots
+from server.lora.cpu_tier import CpuTier
 from server.lora.groups import ProjectionGroup, shared_input_groups
 from server.lora.layer import LowRankLinear, StepContext
 from server.lora.ops import select_backend
@@ -101,8 +102,7 @@ class AdapterPool:
         self.layers: dict[str, LowRankLinear] = {}
         self._lock = threading.RLock()
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # LRU order: oldest first
-        self._cpu: OrderedDict[str, CompiledAdapter] = OrderedDict()
-        self._cpu_used = 0
+        self._cpu = CpuTier(cpu_bytes)
         self._free = [list(range(b0, b0 + n)) for b0, (_, n) in zip(self.bucket_base, self.buckets, strict=True)]
         self._free_mor = list(range(self.mor_entries))
         self._occupied = torch.zeros(self.num_slots, dtype=torch.bool)
@@ -180,8 +180,9 @@ class AdapterPool:
             res = self._resident.get(key)
             if res is not None:
                 return res.adapter
-            if key in self._cpu:
-                return self._cpu[key]
+            adapter = self._cpu.get(key)
+            if adapter is not None:
+                return adapter
             raise KeyError(f"adapter {key!r} is neither resident nor cached")
 
     def slot_of(self, key: str) -> int | None:
@@ -195,20 +196,20 @@ class AdapterPool:
         through a slot copy); a stale answer costs one needless or one missed prefetch, nothing else."""
         return key in self._resident or key in self._cpu
 
-    def put_cpu(self, key: str, adapter: CompiledAdapter) -> None:
-        """Hold an adapter loaded elsewhere (the residency's loader threads) in the CPU tier, LRU-bounded."""
+    def put_cpu(self, key: str, adapter: CompiledAdapter, hold_s: float = 0.0) -> None:
+        """Hold an adapter loaded elsewhere (the residency's loader threads) in the CPU tier, LRU-bounded.
+        ``hold_s`` > 0: a prefetch for a waiting request; no eviction takes it before its first acquire (or
+        before ``hold_s`` seconds pass), even if the tier must run over its bytes meanwhile."""
         with self._lock:
             if key not in self._resident and key not in self._cpu:
                 self._stats.misses["cpu"] += 1  # the loader thread's read; the acquire that follows is a hit
-                self._cache_cpu(key, adapter)
+                self._cpu.put(key, adapter, hold_s)
                 self._update_gauges()
 
     def forget(self, key: str) -> None:
         """Drop ``key`` from every tier; a pinned adapter leaves at its last release."""
         with self._lock:
-            cached = self._cpu.pop(key, None)
-            if cached is not None:
-                self._cpu_used -= cached.num_bytes()
+            self._cpu.drop(key)
             res = self._resident.get(key)
             if res is not None:
                 if res.refs == 0:
@@ -222,10 +223,7 @@ class AdapterPool:
         memory back to the driver. Resident adapters stay: their slots are preallocated. Returns the bytes
         dropped from the CPU tier."""
         with self._lock:
-            dropped = self._cpu_used
-            self._stats.evictions["cpu"] += len(self._cpu)
-            self._cpu.clear()
-            self._cpu_used = 0
+            dropped = self._cpu.clear()
             self._update_gauges()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -287,27 +285,16 @@ class AdapterPool:
 
     # ------------------------------------------------------------------ internals
     def _from_cpu(self, key: str, loader: Callable[[], CompiledAdapter]) -> CompiledAdapter:
-        adapter = self._cpu.get(key)
+        adapter = self._cpu.take(key)
         if adapter is not None:
             self._stats.hits["cpu"] += 1
-            self._cpu.move_to_end(key)
             return adapter
         self._stats.misses["cpu"] += 1
         start = time.perf_counter()
         adapter = loader()
         self._stats.load_seconds["loader"] += time.perf_counter() - start
-        self._cache_cpu(key, adapter)
+        self._cpu.put(key, adapter)
         return adapter
-
-    def _cache_cpu(self, key: str, adapter: CompiledAdapter) -> None:
-        size = adapter.num_bytes()
-        if size <= self.cpu_bytes:
-            self._cpu[key] = adapter
-            self._cpu_used += size
-            while self._cpu_used > self.cpu_bytes:
-                _, old = self._cpu.popitem(last=False)
-                self._cpu_used -= old.num_bytes()
-                self._stats.evictions["cpu"] += 1
 
     def _check_fit(self, adapter: CompiledAdapter) -> tuple[int, bool]:
         """(rank rows the slot needs, is MoR); every misfit is reported in one AdapterFormatError."""
@@ -386,7 +373,8 @@ class AdapterPool:
         s = self._stats
         s.resident["gpu"] = len(self._resident)
         s.resident["cpu"] = len(self._cpu)
-        s.resident_bytes["cpu"] = self._cpu_used
+        s.resident_bytes["cpu"] = self._cpu.used_bytes
+        s.evictions["cpu"] = self._cpu.evictions
         s.resident_bytes["gpu"] = sum(self._slot_bytes(r.slot) for r in self._resident.values())
 
     def _slot_bytes(self, slot: int) -> int:

@@ -40,6 +40,7 @@ from server.lora.pool import AdapterPool, PoolExhausted
 
 log = logging.getLogger("rankserve.residency")
 RETRY_BACKOFF_S = (0.05, 0.2, 0.8, 3.2)  # waits before each retry of a transiently failed load
+PREFETCH_HOLD_S = 60.0  # a prefetched adapter stays in the CPU tier at least this long, or until acquired
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -114,7 +115,7 @@ class AdapterResidency:
         start = time.monotonic()
         try:
             adapter = self._loader(adapter_id, store_key, digest, [])()
-            self.pool.put_cpu(digest, adapter)
+            self.pool.put_cpu(digest, adapter, hold_s=PREFETCH_HOLD_S)
             if self.metrics is not None:
                 self.metrics.adapter_load_duration.labels(source="disk").observe(time.monotonic() - start)
         except Exception as e:  # the engine thread loads it again and reports the failure its usual way
