@@ -8,8 +8,9 @@ the others read their slice. The stacked rows are kept across steps while the st
 the pool's slot contents) stay the same (``BatchPlan.dense_key``): in steady decoding no weight is
 gathered at all.
 
-Within one step a group is called with one input; a member called with another input (a different
-tensor, or another step) recomputes, so sharing never changes a result, only the count of GEMMs.
+Within one step a group is called with one input; a member called with another input recomputes, so
+sharing never changes a result, only the count of GEMMs. The kept rows are bounded by
+``plan.DENSE_MAX_COLS`` rows per module (the size of one rank-64 adapter).
 """
 
 from __future__ import annotations
@@ -51,20 +52,19 @@ class ProjectionGroup:
         self._key: tuple | None = None
         self._a_t: torch.Tensor | None = None  # [d_in, n * K*R]
         self._bt: list[torch.Tensor] = []  # per member [K*R, d_out]
-        self._step: tuple[BatchPlan, int, tuple[int, ...], torch.Tensor] | None = None  # plan, x ptr/shape, h
 
     def dense_h(self, x: torch.Tensor, plan: BatchPlan, index: int) -> torch.Tensor:
-        """Member ``index``'s h = (x A^T) * mask, [T, K*R] (a strided view)."""
-        step = self._step
-        if step is None or step[0] is not plan or step[1] != x.data_ptr() or step[2] != tuple(x.shape):
+        """Member ``index``'s h = (x A^T) * mask, [T, K*R] (a strided view). The group's h lives in the
+        plan (``plan.shared``), so it goes with the step."""
+        step = plan.shared.get(id(self))
+        if step is None or step[0] != x.data_ptr() or step[1] != tuple(x.shape):
             a_t = self._rows(plan)[0]
             assert plan.dense_mask is not None
             kr = plan.dense_mask.shape[1]
             h = torch.mm(x, a_t).view(x.shape[0], len(self.members), kr).mul_(plan.dense_mask[:, None, :])
-            # the plan is held (not x): x stays alive in the caller for the whole group, and the plan's
-            # identity ends the sharing at the step's end
-            self._step = step = (plan, x.data_ptr(), tuple(x.shape), h)
-        return step[3][:, index]
+            # keyed by x's storage and shape: x stays alive in the caller while the group's members run
+            plan.shared[id(self)] = step = (x.data_ptr(), tuple(x.shape), h)
+        return step[2][:, index]
 
     def dense_bt(self, plan: BatchPlan, index: int) -> torch.Tensor:
         return self._rows(plan)[1][index]

@@ -83,10 +83,12 @@ class BatchPlan:
     mor_pos: torch.Tensor | None = None  # [m] long: positions of the MoR tokens among the rows' N tokens
     mor_index: torch.Tensor | None = None  # [m] long: their MoR table entries
     dense_rows: torch.Tensor | None = None  # [K * R] long: flat-table rows of the step's K adapters (their
-    #   rank rows padded to R with the zero row); set when K <= DENSE_MAX_ADAPTERS and no token uses MoR
+    #   rank rows padded to R with the zero row); set when K <= DENSE_MAX_ADAPTERS, K * R <= DENSE_MAX_COLS
+    #   and no token uses MoR
     dense_mask: torch.Tensor | None = None  # [T, K * R] in the pool dtype: 1 where column k*R + j belongs
     #   to the token's own adapter (all zero for base tokens)
     dense_key: tuple | None = None  # (pool generation, the K slots, R): the dense rows stay valid while it holds
+    shared: dict = field(default_factory=dict, compare=False)  # per projection group: its h this step
     choices: dict = field(default_factory=dict, compare=False)  # the op's formulation per module shape,
     #   decided once per step (host work per module: one dict lookup)
 
@@ -168,7 +170,7 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
     h_dense = None
     used = (counts > 0).nonzero().squeeze(1)  # [K] slots in use, ascending
     K = int(used.shape[0])
-    if 0 < R and K <= DENSE_MAX_ADAPTERS and not mor_pos.numel():
+    if 0 < R and K <= DENSE_MAX_ADAPTERS and K * R <= DENSE_MAX_COLS and not mor_pos.numel():
         k = torch.arange(R)
         rows_k = torch.where(k[None, :] < table.slot_rank[used][:, None], table.row0[used][:, None] + k,
                              table.zero_row)  # [K, R]
@@ -199,6 +201,7 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
 
 ROWS_CAP = 1 << 18  # largest [T_a, R] row table built per step (the gather path is for short segments)
 DENSE_MAX_ADAPTERS = 8  # the dense formulation's GEMMs grow with K: past a few adapters it never wins
+DENSE_MAX_COLS = 64  # K * R: bounds the dense GEMMs and the rows groups.ProjectionGroup keeps per module
 
 
 class _Pack:
