@@ -49,6 +49,7 @@ class ProjectionGroup:
 
     def __init__(self, members: list) -> None:  # list[ModuleSlots] (buffers imports this module)
         self.members = members
+        self.shapes = tuple((m.d_in, m.d_out) for m in members)
         self._key: tuple | None = None
         self._a_t: torch.Tensor | None = None  # [d_in, n * K*R]
         self._bt: list[torch.Tensor] = []  # per member [K*R, d_out]

@@ -120,8 +120,7 @@ class TorchLowRank:
     def choose(self, plan: BatchPlan, slots: ModuleSlots, itemsize: int) -> str:
         """single, dense, gather, grouped or bucket, for this step and the module's group of projections
         reading one input (one choice for the whole group; cached in the plan per group shape)."""
-        members = [slots] if slots.group is None else slots.group.members
-        shapes = tuple((m.d_in, m.d_out) for m in members)
+        shapes = ((slots.d_in, slots.d_out),) if slots.group is None else slots.group.shapes
         key = (self.strategy, shapes)
         form = plan.choices.get(key)
         if form is None:
