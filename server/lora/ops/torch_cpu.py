@@ -55,13 +55,13 @@ HAS_GROUPED_MM = _grouped_mm_works()
 STRATEGIES = ("auto", "grouped", "gather", "dense")
 
 # Cost model, microseconds per module call, D = d_in + d_out, R = rank rows, K = adapters in the step:
-#   gather   c0 + c1 * N*R*D          (N row-table tokens: the per-token rows read)
-#   dense    c0 + c1 * T*K*R*D + c2 * K*R*D   (two GEMMs over all T tokens, plus the K adapters' rows)
+#   gather   c0 + c1 * N*R*D                 (N row-table tokens: the per-token rows read)
+#   dense    c0 + c1 * T*K*R*D               (two GEMMs over all T tokens; the K adapters' rows are kept)
 #   grouped  c0 * buckets + c1 * T_a*R*D + c2 * K   (each adapter read once, a fixed cost per group)
-# Least-squares fit (relative error, median 8-14%) of bench/bench_op_choice.py on this 2-core CPU, torch
-# 2.13, one thread, thread CPU time: d 256x256 and 576x1536, ranks 8 and 16, 2-16 adapters, 1-128 tokens
-# per adapter. Only the ratios between formulations matter for the choice.
-COST = {"gather": (22.1, 1.82e-4), "dense": (9.9, 2.68e-5, 2.63e-4), "grouped": (22.8, 7.0e-5, 4.63)}
+# Least-squares fit (relative error; median 19-28%, the machine was shared) of bench/bench_op_choice.py,
+# torch 2.13, one thread, thread CPU time: d 256x256 and 576x1536, ranks 8 and 16, 2-16 adapters, 1-128
+# tokens per adapter. Only the ratios between formulations matter for the choice.
+COST = {"gather": (25.6, 1.82e-4), "dense": (8.3, 1.64e-5), "grouped": (23.6, 7.4e-5, 4.67)}
 
 
 def costs(plan: BatchPlan, shapes: list[tuple[int, int]], grouped_ok: bool) -> dict[str, float]:
@@ -74,7 +74,7 @@ def costs(plan: BatchPlan, shapes: list[tuple[int, int]], grouped_ok: bool) -> d
         c0, c1 = COST["gather"]
         out["gather"] = sum(c0 + c1 * plan.rows.numel() * (d_in + d_out) for d_in, d_out in shapes)
     if plan.dense_rows is not None:
-        c0, c1, _ = COST["dense"]
+        c0, c1 = COST["dense"]
         out["dense"] = c0 + c1 * plan.num_tokens * plan.dense_rows.shape[0] * sum(a + b for a, b in shapes)
     if grouped_ok:
         c0, c1, c2 = COST["grouped"]
