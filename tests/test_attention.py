@@ -127,3 +127,13 @@ def test_backend_choice():
     cache, _ = filled_cache([3])
     name, planner = make_attention("auto", cache, 0.1, 4)
     assert name == "paged" and isinstance(planner(StepShape([(0, 3)], [])), PagedAttention)
+
+
+def test_attention_flag_reaches_the_engine_config():
+    from server.cli import build_parser
+    from server.common.config import settings_from
+
+    s = settings_from(build_parser().parse_args(["serve", "--attention", "dense"]), env={})
+    assert s.engine_config().attention == "dense"
+    s = settings_from(build_parser().parse_args(["serve"]), env={"RANKSERVE_ATTENTION": "paged"})
+    assert s.engine_config().attention == "paged"

@@ -73,7 +73,7 @@ class Engine:
             budget = cfg.kv_cache_bytes or kv_budget_bytes(self.device, cfg.gpu_memory_utilization)
             self.cache = kv = PagedKVCache.for_model(base.model.config, budget, cfg.kv_block_size,
                                                      cfg.max_running, self.max_model_len, self.dtype, self.device)
-            self.runner = ModelRunner(base.model, self.cache, self.pool.step)
+            self.runner = ModelRunner(base.model, self.cache, self.pool.step, attention=cfg.attention)
         self.scheduler = Scheduler(self.residency, kv, cfg.max_batch_tokens, cfg.max_running, cfg.max_queue,
                                    cfg.slot_wait_s)
         self.classifier = ClassifyStep(base.model, base.is_decoder, self.tokenizer.pad_token_id or 0, self.pool,
