@@ -17,7 +17,7 @@ from collections import deque
 
 import torch
 
-from adapters_store.basemodels import BaseModel
+from adapters_store.basemodels import BaseModel, keep_pristine
 from adapters_store.tenancy import resolve
 from server.common.config import EngineConfig
 from server.common.errors import (
@@ -58,6 +58,7 @@ class Engine:
         self.config = cfg = config or EngineConfig()
         self.metrics = metrics
         self.device, self.dtype = resolve_device(cfg)
+        keep_pristine(base)  # fp32 host W0 for DoRA magnitudes at upload, before the weights are cast or merged
         base.model.to(device=self.device, dtype=self.dtype)
         self.tokenizer = base.tokenizer
         self.max_model_len = min(cfg.max_model_len, base.max_positions)
