@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -240,18 +241,25 @@ def load_base(name: str) -> BaseModel:
                      targets=target_modules(model, family))
 
 
-def keep_pristine(base: BaseModel) -> None:
+def keep_pristine(base: BaseModel, strict: bool = True) -> bool:
     """Keep ``base.base_weight`` exact for the server's life: copy every target weight once, fp32 on the
     host, BEFORE the weights are cast, moved or merged into. DoRA/EDoRA magnitudes (``g = m / ||W0 + BA||``)
     computed at upload read these copies. The live weights are checked against the base's fingerprint
-    first, so the copies are the weights that adapters' ``base_fingerprint`` names. Idempotent."""
+    first, so the copies are the weights that adapters' ``base_fingerprint`` names: a mismatch raises, or
+    with ``strict=False`` (a hand-built base whose fingerprint is a placeholder, as in benchmarks) is
+    logged and the live weights are kept as they are. Idempotent; True when the copy was verified."""
     if base.pristine is not None:
-        return
+        return True
     live = fingerprint(base.model)
-    if live != base.fingerprint:
-        raise ValueError(f"base {base.name!r}: its weights (fingerprint {live}) are no longer the ones loaded "
-                         f"(fingerprint {base.fingerprint}); keep the pristine copy before casting or merging")
+    verified = live == base.fingerprint
+    if not verified:
+        msg = (f"base {base.name!r}: its weights (fingerprint {live}) are no longer the ones loaded "
+               f"(fingerprint {base.fingerprint}); keep the pristine copy before casting or merging")
+        if strict:
+            raise ValueError(msg)
+        logging.getLogger("rankserve.basemodels").warning(msg + "; keeping the weights as they are now")
     base.pristine = {p: base.model.get_submodule(p).weight.detach().float().cpu().clone() for p in base.targets}
+    return verified
 
 
 def layer_index(path: str) -> int | None:

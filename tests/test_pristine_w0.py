@@ -92,3 +92,20 @@ def test_the_copy_is_fp32_on_the_host_and_kept_once(llama):
     assert kept[p].data_ptr() != w.data_ptr() and torch.equal(kept[p], w)
     keep_pristine(llama)
     assert llama.pristine is kept
+
+
+def test_the_engine_keeps_the_copy_before_it_casts(llama):
+    from server.engine import Engine, EngineConfig
+
+    engine = Engine(llama, store=None, config=EngineConfig(dtype="bfloat16", max_model_len=64))
+    assert llama.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    kept = llama.pristine["model.layers.0.self_attn.q_proj"]
+    assert kept.dtype == torch.float32
+    assert torch.equal(kept.bfloat16(), llama.model.model.layers[0].self_attn.q_proj.weight)
+    engine.shutdown()
+
+
+def test_a_placeholder_fingerprint_is_not_fatal_outside_strict_mode(llama):
+    llama.fingerprint = "dummy"
+    assert keep_pristine(llama, strict=False) is False
+    assert llama.pristine is not None

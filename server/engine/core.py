@@ -58,7 +58,7 @@ class Engine:
         self.config = cfg = config or EngineConfig()
         self.metrics = metrics
         self.device, self.dtype = resolve_device(cfg)
-        keep_pristine(base)  # fp32 host W0 for DoRA magnitudes at upload, before the weights are cast or merged
+        keep_pristine(base, strict=False)  # fp32 host W0 for DoRA magnitudes at upload, before any cast or merge
         base.model.to(device=self.device, dtype=self.dtype)
         self.tokenizer = base.tokenizer
         self.max_model_len = min(cfg.max_model_len, base.max_positions)
