@@ -33,6 +33,7 @@ def scenarios(seed: int = 0) -> dict[str, tuple[list[int], list[tuple[int, int]]
     """name -> (decode lengths, prefill chunks as (start, n))."""
     g = torch.Generator().manual_seed(seed)
     return {
+        "32 decodes, all at 24 (planning overhead)": ([24] * 32, []),
         "32 decodes, all at 512": ([512] * 32, []),
         "32 decodes, ragged 1..1024": (torch.randint(1, 1025, (32,), generator=g).tolist(), []),
         "1 decode at 2048 + 31 at 64": ([2048] + [64] * 31, []),
