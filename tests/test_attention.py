@@ -137,3 +137,41 @@ def test_attention_flag_reaches_the_engine_config():
     assert s.engine_config().attention == "dense"
     s = settings_from(build_parser().parse_args(["serve"]), env={"RANKSERVE_ATTENTION": "paged"})
     assert s.engine_config().attention == "paged"
+
+
+def test_a_failing_flashinfer_falls_back_under_auto_and_raises_when_asked_for(monkeypatch):
+    import server.model.attention_flashinfer as fi
+
+    cache, _ = filled_cache([3])
+
+    class Broken:
+        def __init__(self, *a, **k):
+            raise ImportError("flashinfer's JIT could not build")
+
+    monkeypatch.setattr(fi, "FlashInferAttention", Broken)
+    assert fi.checked_flashinfer(cache, 0.1, 4, strict=False) is None
+    with pytest.raises(ImportError, match="JIT"):
+        fi.checked_flashinfer(cache, 0.1, 4, strict=True)
+
+
+def test_the_flashinfer_start_up_check_compares_with_dense(monkeypatch):
+    """With a 'FlashInfer' that is really the paged path, the check passes; with a wrong one it fails."""
+    import server.model.attention_flashinfer as fi
+    from server.model.attention_paged import PagedAttention as Paged
+
+    class Emulated:
+        def __init__(self, cache, scaling, num_heads):
+            self.cache, self.scaling = cache, scaling
+
+        def plan(self, shape):
+            return Paged(self.cache.row_table, self.cache.block_size, self.scaling, shape)
+
+    class Wrong(Emulated):
+        def plan(self, shape):
+            return Paged(self.cache.row_table, self.cache.block_size, 2 * self.scaling, shape)
+
+    cache, _ = filled_cache([3])
+    monkeypatch.setattr(fi, "FlashInferAttention", Emulated)
+    assert isinstance(fi.checked_flashinfer(cache, 0.3, 4, strict=True), Emulated)
+    monkeypatch.setattr(fi, "FlashInferAttention", Wrong)
+    assert fi.checked_flashinfer(cache, 0.3, 4, strict=False) is None

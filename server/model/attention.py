@@ -124,7 +124,9 @@ def make_attention(name: str, cache, scaling: float, num_heads: int) -> tuple[st
         from server.model.attention_paged import PagedAttention
 
         return backend, lambda shape: PagedAttention(cache.row_table, cache.block_size, scaling, shape)
-    from server.model.attention_flashinfer import FlashInferAttention
+    from server.model.attention_flashinfer import checked_flashinfer
 
-    fi = FlashInferAttention(cache, scaling, num_heads)
+    fi = checked_flashinfer(cache, scaling, num_heads, strict=name == "flashinfer")
+    if fi is None:  # auto, and FlashInfer failed its start-up check (logged): the torch path instead
+        return make_attention("paged", cache, scaling, num_heads)
     return backend, fi.plan

@@ -16,10 +16,13 @@ themselves only in the ``gpu`` tests (tests/test_attention_gpu.py, run by bench/
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
-from server.model.attention import StepAttention, StepShape
+from server.model.attention import DenseAttention, StepAttention, StepShape
+
+log = logging.getLogger("rankserve.attention")
 
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's float workspace, as in its examples
 
@@ -101,3 +104,32 @@ class FlashInferStep(StepAttention):
         if self.has_prefill:
             parts.append(self.owner.prefill.run(q[B:].contiguous(), pages))  # [T - B, H, hd]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def checked_flashinfer(cache, scaling: float, num_heads: int, strict: bool) -> FlashInferAttention | None:
+    """FlashInfer for ``cache``, after one decode and one chunked prefill on a scratch cache of the same
+    geometry agree with the dense reference (this also JIT-compiles its kernels at start-up, not inside the
+    first request). A failure raises when ``strict`` (``--attention flashinfer``), else is logged and None
+    is returned (``auto`` then runs the torch path)."""
+    try:
+        k_rows, _ = cache.layer(0)
+        scratch = type(cache)(1, int(k_rows.shape[1]), int(k_rows.shape[2]), num_blocks=8, block_size=cache.block_size,
+                              max_seqs=2, max_len=4 * cache.block_size, dtype=k_rows.dtype, device=k_rows.device)
+        seqs = [scratch.allocate(cache.block_size + 3), scratch.allocate(2 * cache.block_size)]
+        scratch.data.normal_()
+        shape = StepShape(decodes=[(seqs[0], cache.block_size + 3)], prefills=[(seqs[1], 5, 2 * cache.block_size - 5)])
+        q = torch.randn(1 + 2 * cache.block_size - 5, num_heads, int(k_rows.shape[2]), device=k_rows.device,
+                        dtype=k_rows.dtype)
+        ks, vs = scratch.layer(0)
+        want = DenseAttention(scratch.row_table, scaling, shape).run(q.float(), ks.float(), vs.float())
+        got = FlashInferAttention(scratch, scaling, num_heads).plan(shape).run(q, ks, vs).float()
+        err = float((got - want).abs().max())
+        if not err < 5e-2:
+            raise RuntimeError(f"FlashInfer differs from the dense reference by {err:.3g}")
+        return FlashInferAttention(cache, scaling, num_heads)
+    except Exception as e:
+        if strict:
+            raise
+        log.warning("FlashInfer attention failed its start-up check (%s: %s); using the paged torch path",
+                    type(e).__name__, e)
+        return None
