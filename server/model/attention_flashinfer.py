@@ -67,8 +67,11 @@ class FlashInferAttention:
             workspace, "NHD", use_tensor_cores=num_heads // self.kv_heads >= 4)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
 
-    def _tensors(self, lists: tuple[list[int], ...]) -> list[torch.Tensor]:
-        return [torch.tensor(x, dtype=torch.int32).to(self.device, non_blocking=True) for x in lists]
+    @staticmethod
+    def _tensors(lists: tuple[list[int], ...]) -> list[torch.Tensor]:
+        # host tensors: plan() reads indptr/last_page_len on the host anyway and copies to its own device
+        # buffers itself; handing it device tensors would cost a device->host sync per step
+        return [torch.tensor(x, dtype=torch.int32) for x in lists]
 
     def plan(self, shape: StepShape) -> FlashInferStep:
         bs = self.cache.block_size
