@@ -1,6 +1,7 @@
 """bench/gpu_check runs end to end without CUDA (--cpu: small shapes, CUDA-only stages skipped) and writes
 its whole report into one folder."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -22,7 +23,11 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     env = json.loads((out / "env.json").read_text())
     assert env["mode"] == "cpu" and env["peaks"]["flops"] > 0
     assert "skipped" in (out / "tests_gpu.log").read_text()  # the gpu tests were collected, and skipped here
-    assert " passed" in (out / "kernels.log").read_text()  # the interpreted kernels ran against the reference
+    kernels = (out / "kernels.log").read_text()
+    if importlib.util.find_spec("triton") is not None:
+        assert " passed" in kernels  # the interpreted kernels ran against the reference
+    else:
+        assert "skipped" in kernels
     serving = json.loads((out / "serving.json").read_text())["smollm2-135m"]
     for config in ("base", "distinct", "merged"):
         for metric in ("tok_s", "ttft_p50_s", "itl_p50_s", "itl_p99_s"):
