@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -49,6 +50,16 @@ class BaseModel:
     fingerprint: str
     tasks: tuple[str, ...]  # ("generate", "classify") for decoders, ("classify",) for encoders
     targets: dict[str, tuple[int, int]] = field(default_factory=dict)  # module path -> (d_in, d_out)
+    # fp32 host copies of every target weight, taken once by keep_pristine (a server's base); None: the
+    # live weights are the pristine ones (a trainer's or a tool's base: fp32, on the host, never merged)
+    pristine: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def base_weight(self, path: str) -> torch.Tensor:
+        """W0 of target module ``path`` in fp32 on the host, as fingerprinted: never the live serving weight
+        once ``keep_pristine`` ran (that one may be on CUDA, in bf16, or have an adapter merged into it)."""
+        if self.pristine is not None:
+            return self.pristine[path]
+        return self.model.get_submodule(path).weight.detach().float().cpu()
 
     @property
     def is_decoder(self) -> bool:
@@ -228,6 +239,27 @@ def load_base(name: str) -> BaseModel:
     tasks = ("generate", "classify") if family == "llama" else ("classify",)
     return BaseModel(name=name, family=family, model=model, tokenizer=tok, fingerprint=fp, tasks=tasks,
                      targets=target_modules(model, family))
+
+
+def keep_pristine(base: BaseModel, strict: bool = True) -> bool:
+    """Keep ``base.base_weight`` exact for the server's life: copy every target weight once, fp32 on the
+    host, BEFORE the weights are cast, moved or merged into. DoRA/EDoRA magnitudes (``g = m / ||W0 + BA||``)
+    computed at upload read these copies. The live weights are checked against the base's fingerprint
+    first, so the copies are the weights that adapters' ``base_fingerprint`` names: a mismatch raises, or
+    with ``strict=False`` (a hand-built base whose fingerprint is a placeholder, as in benchmarks) is
+    logged and the live weights are kept as they are. Idempotent; True when the copy was verified."""
+    if base.pristine is not None:
+        return True
+    live = fingerprint(base.model)
+    verified = live == base.fingerprint
+    if not verified:
+        msg = (f"base {base.name!r}: its weights (fingerprint {live}) are no longer the ones loaded "
+               f"(fingerprint {base.fingerprint}); keep the pristine copy before casting or merging")
+        if strict:
+            raise ValueError(msg)
+        logging.getLogger("rankserve.basemodels").warning(msg + "; keeping the weights as they are now")
+    base.pristine = {p: base.model.get_submodule(p).weight.detach().float().cpu().clone() for p in base.targets}
+    return verified
 
 
 def layer_index(path: str) -> int | None:

@@ -351,7 +351,6 @@ def convert_peft(source: str | Path | dict[str, bytes | Path], base: BaseModel, 
         problems.extend(work_problems(cfg, [n for n in groups if _base_path(n, base) is not None]))
     if problems:  # before any key is matched against a name
         raise AdapterFormatError(problems)
-    params = dict(base.model.named_parameters())
     modules: dict[str, ModuleWeights] = {}
     for name, parts in sorted(groups.items()):
         path = _base_path(name, base)
@@ -359,7 +358,7 @@ def convert_peft(source: str | Path | dict[str, bytes | Path], base: BaseModel, 
             problems.append(f"module {name!r} (from base_model.model.{name}.*) is not a target module of base "
                             f"{base.name!r} (its targets end in {', '.join(_leaf_names(base))})")
             continue
-        weight = params[path + ".weight"].detach()
+        weight = base.base_weight(path)  # fp32 host W0, never the live (maybe merged, bf16, CUDA) weight
         if kind == "ADALORA":
             stray_roles = sorted(set(parts) - {"A", "B", "E"})
             mw = None if stray_roles else _adalora_module(name, parts, cfg, weight, problems)

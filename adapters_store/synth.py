@@ -48,14 +48,13 @@ def random_adapter(
     """A valid adapter for ``base``. ``variable_rank`` draws a rank in [0, rank] per module (AdaLoRA/AROMA
     style; rank-0 modules are omitted). ``modules`` defaults to every target of the base."""
     gen = torch.Generator().manual_seed(seed)
-    params = dict(base.model.named_parameters())
     paths = modules if modules is not None else sorted(base.targets)
     built: dict[str, ModuleWeights] = {}
     for path in paths:
         r = int(torch.randint(0, rank + 1, (1,), generator=gen)) if variable_rank else rank
         if r == 0:
             continue
-        built[path] = random_module(params[path + ".weight"].detach(), method, r, gen, num_experts, std)
+        built[path] = random_module(base.base_weight(path), method, r, gen, num_experts, std)
     head_w = head_b = None
     if task == "classify":
         labels = labels or ["negative", "positive"]

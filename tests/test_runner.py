@@ -8,11 +8,11 @@ from server.model.kvcache import KVCacheFull, PagedKVCache
 from server.model.runner import Chunk, ModelRunner
 
 
-def make_runner(base, num_blocks=64, block_size=4, max_seqs=8, max_len=64):
+def make_runner(base, num_blocks=64, block_size=4, max_seqs=8, max_len=64, attention="auto"):
     cfg = base.model.config
     cache = PagedKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
                          num_blocks=num_blocks, block_size=block_size, max_seqs=max_seqs, max_len=max_len)
-    return ModelRunner(base.model, cache), cache
+    return ModelRunner(base.model, cache, attention=attention), cache
 
 
 def hf_logits(model, ids):
@@ -25,8 +25,9 @@ def prompts(n, lengths, seed=0):
     return [torch.randint(5, 500, (n_,), generator=g).tolist() for n_ in lengths[:n]]
 
 
-def test_mixed_prefill_and_decode_match_hf(tiny_llama):
-    runner, cache = make_runner(tiny_llama)
+@pytest.mark.parametrize("attention", ["dense", "paged"])
+def test_mixed_prefill_and_decode_match_hf(tiny_llama, attention):
+    runner, cache = make_runner(tiny_llama, attention=attention)
     seqs = prompts(4, [5, 9, 13, 3])
     full = [s + [7, 11, 13] for s in seqs]  # the "generated" continuation fed back as decodes
     slots = [cache.allocate(len(f)) for f in full]

@@ -23,6 +23,7 @@ MiB = 1 << 20
 class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
+    attention: str = "auto"  # auto | dense | paged | flashinfer (server.model.attention)
     max_batch_tokens: int = 512  # tokens per step (decodes + prefill chunks)
     max_running: int = 32
     max_queue: int = 256
@@ -52,6 +53,7 @@ class Settings:
     admin_keys: tuple[str, ...] = ()  # admin keys (upload, delete), same syntax; no tenant = global admin
     device: str = "auto"
     dtype: str = "auto"
+    attention: str = "auto"
     max_queue: int = 256
     max_running: int = 32
     max_batch_tokens: int = 512
@@ -88,7 +90,8 @@ class Settings:
         return self.served_model_name or self.model
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(device=self.device, dtype=self.dtype, max_batch_tokens=self.max_batch_tokens,
+        return EngineConfig(device=self.device, dtype=self.dtype, attention=self.attention,
+                            max_batch_tokens=self.max_batch_tokens,
                             max_running=self.max_running, max_queue=self.max_queue,
                             max_model_len=self.max_model_len, kv_cache_bytes=self.kv_cache_bytes,
                             kv_block_size=self.kv_block_size, gpu_memory_utilization=self.gpu_memory_utilization,
@@ -104,7 +107,9 @@ _HELP = {
     "api_keys": "inference key, KEY or KEY:TENANT (repeatable; env RANKSERVE_API_KEYS, comma-separated)",
     "admin_keys": "admin key for uploads and deletes, KEY or KEY:TENANT (repeatable; env RANKSERVE_ADMIN_KEYS)",
     "device": "auto | cpu | cuda",
-    "dtype": "auto | float32 | bfloat16 | float16",
+    "dtype": "auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)",
+    "attention": "auto | dense | paged | flashinfer: attention over the paged KV cache (auto: flashinfer on CUDA "
+                 "when installed, else paged; dense is the padded reference)",
     "max_queue": "waiting requests before 429",
     "max_running": "requests in the running batch",
     "max_batch_tokens": "tokens per engine step",

@@ -17,7 +17,7 @@ from collections import deque
 
 import torch
 
-from adapters_store.basemodels import BaseModel
+from adapters_store.basemodels import BaseModel, keep_pristine
 from adapters_store.tenancy import resolve
 from server.common.config import EngineConfig
 from server.common.errors import (
@@ -58,6 +58,7 @@ class Engine:
         self.config = cfg = config or EngineConfig()
         self.metrics = metrics
         self.device, self.dtype = resolve_device(cfg)
+        keep_pristine(base, strict=False)  # fp32 host W0 for DoRA magnitudes at upload, before any cast or merge
         base.model.to(device=self.device, dtype=self.dtype)
         self.tokenizer = base.tokenizer
         self.max_model_len = min(cfg.max_model_len, base.max_positions)
@@ -73,7 +74,7 @@ class Engine:
             budget = cfg.kv_cache_bytes or kv_budget_bytes(self.device, cfg.gpu_memory_utilization)
             self.cache = kv = PagedKVCache.for_model(base.model.config, budget, cfg.kv_block_size,
                                                      cfg.max_running, self.max_model_len, self.dtype, self.device)
-            self.runner = ModelRunner(base.model, self.cache, self.pool.step)
+            self.runner = ModelRunner(base.model, self.cache, self.pool.step, attention=cfg.attention)
         self.scheduler = Scheduler(self.residency, kv, cfg.max_batch_tokens, cfg.max_running, cfg.max_queue,
                                    cfg.slot_wait_s)
         self.classifier = ClassifyStep(base.model, base.is_decoder, self.tokenizer.pad_token_id or 0, self.pool,

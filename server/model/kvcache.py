@@ -121,6 +121,10 @@ class PagedKVCache:
         self._free_blocks.extend(reversed(blocks))
         self._free_seqs.append(seq)
 
+    def blocks_of(self, seq: int) -> list[int]:
+        """The blocks of sequence slot ``seq`` in position order (host list; FlashInfer's page indices)."""
+        return self._blocks[seq]
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K rows, V rows) of layer i, each [rows, kv_heads, head_dim]."""
         return self.data[i, 0], self.data[i, 1]

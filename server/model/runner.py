@@ -6,9 +6,9 @@ with a padded batch (gpt-fast / vLLM style). The projections may be ``LowRankLin
 the step's plan from ``pool.step(token_slots)``: the runner enters that context itself, with one slot per
 token in exactly the order of the rows of ``x``.
 
-Flat order of a step: every single-token chunk (decodes) first, then the multi-token prefill chunks. The
-decodes share one batched attention call (keys gathered through the paged cache's row table, padded,
-masked per sequence); each prefill chunk gets its own causal call over its cached prefix plus itself.
+Flat order of a step: every single-token chunk (decodes) first, then the multi-token prefill chunks.
+Attention over the paged cache is one of the backends of ``attention.py``, chosen once here and planned
+once per step (``StepShape`` -> ``StepAttention``), then run by every layer.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from server.model.attention import AttentionPlan
+from server.model.attention import StepAttention, StepShape, make_attention
 from server.model.kvcache import PagedKVCache
 
 StepContext = Callable[[torch.Tensor], contextlib.AbstractContextManager]
@@ -42,7 +42,8 @@ def _no_context(token_slots: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, cache: PagedKVCache, step_context: StepContext | None = None):
+    def __init__(self, model: nn.Module, cache: PagedKVCache, step_context: StepContext | None = None,
+                 attention: str = "auto"):
         self.model = model
         self.cache = cache
         self.step_context = step_context or _no_context
@@ -53,6 +54,7 @@ class ModelRunner:
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.scaling = self.head_dim ** -0.5
         self.vocab_size = int(cfg.vocab_size)
+        self.attention, self._plan_attention = make_attention(attention, cache, self.scaling, self.num_heads)
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk], all_positions: bool = False) -> list[torch.Tensor]:
@@ -82,9 +84,8 @@ class ModelRunner:
         ids_t, pos_t, seq_t, _ = host.to(dev, non_blocking=True)
         write_rows = self.cache.row_table[seq_t, pos_t]  # [T]
 
-        attn = AttentionPlan(self.cache.row_table, self.scaling,
-                             decodes=[(c.seq, c.start + 1) for c in ordered[:num_decode]],
-                             prefills=[(c.seq, c.start, len(c.tokens)) for c in ordered[num_decode:]])
+        attn = self._plan_attention(StepShape(decodes=[(c.seq, c.start + 1) for c in ordered[:num_decode]],
+                                              prefills=[(c.seq, c.start, len(c.tokens)) for c in ordered[num_decode:]]))
         with self.step_context(host[3]):  # the pool plans from host slots: no device sync
             hidden = self._layers(ids_t, pos_t, write_rows, attn)  # [T, d], before the final norm
             bounds = [0]
@@ -104,7 +105,7 @@ class ModelRunner:
         m = self.model
         return m.lm_head(m.model.norm(hidden)).float()  # [N, V]
 
-    def _layers(self, ids: torch.Tensor, pos: torch.Tensor, write_rows: torch.Tensor, attn: AttentionPlan) -> torch.Tensor:
+    def _layers(self, ids: torch.Tensor, pos: torch.Tensor, write_rows: torch.Tensor, attn: StepAttention) -> torch.Tensor:
         inner = self.model.model
         x = inner.embed_tokens(ids)  # [T, d]
         cos, sin = inner.rotary_emb(x, pos[None])  # each [1, T, head_dim]
