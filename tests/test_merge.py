@@ -125,3 +125,25 @@ def test_merge_on_cuda_keeps_w0_in_pinned_host_memory_and_restores_bitwise(llama
     assert any(not torch.equal(layers[p].weight, before[p]) for p in layers)
     restore(layers, saved)
     assert all(torch.equal(layers[p].weight, before[p]) for p in layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_restores_from_the_pristine_copy_bitwise_without_a_second_copy(llama, dtype):
+    """A server's base keeps one fp32 host copy of W0 before any cast (keep_pristine): merge mode uses it
+    instead of copying the weights again, and copying it back equals the cast weights bitwise."""
+    from adapters_store.basemodels import keep_pristine
+
+    llama.pristine = None
+    keep_pristine(llama, strict=False)
+    assert llama.pristine is not None
+    llama.model.to(dtype)
+    pool = AdapterPool(llama, "cpu", dtype, max_slots=2, max_rank=16)
+    pool.install()
+    adapter = random_adapter(llama, "dora", rank=8, seed=6, std=0.1)
+    pool.acquire("d", lambda: adapter)
+    before = weights(llama.model)
+    pool.merge("d")
+    assert all(pool._w0[p] is llama.pristine[p] for p in adapter.modules)  # no copy of its own
+    assert any(not torch.equal(v, before[k]) for k, v in llama.model.state_dict().items())
+    pool.unmerge()
+    assert all(torch.equal(v, before[k]) for k, v in llama.model.state_dict().items())

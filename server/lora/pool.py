@@ -120,7 +120,10 @@ class AdapterPool:
                 group = ProjectionGroup([self.slots[p] for p in members])
                 for i, p in enumerate(members):
                     self.slots[p].group, self.slots[p].group_index = group, i
-        self._w0: dict[str, torch.Tensor] = {}  # W0 copies of merged modules, kept for later merges (merge.py)
+        # W0 copies for merge mode (merge.py): the base's pristine fp32 host copy when the server kept one
+        # (keep_pristine: taken before any cast, so copying it back equals the cast weight bitwise), else
+        # taken at a module's first merge and kept for later ones
+        self._w0: dict[str, torch.Tensor] = dict(base.pristine) if base.pristine is not None else {}
         self._stats = PoolStats()
         self._stats.capacity_bytes["gpu"] = sum(s.num_bytes() for s in self.slots.values())
         self._stats.capacity_bytes["cpu"] = cpu_bytes
