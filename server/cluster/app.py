@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from ray import serve
 from starlette.requests import Request
@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.cluster.asgi import HttpRequest, call
 from server.cluster.metrics import MetricsBoard, merge
-from server.common.config import Settings
+from server.common.config import Settings, settings_from
 
 log = logging.getLogger("rankserve.cluster")
 APP = "rankserve"
@@ -177,6 +177,16 @@ def build(settings: Settings, options: ClusterOptions):
 
     settings_dict = asdict(settings)
     return Ingress.bind(EngineReplica.bind(settings_dict), settings_dict)
+
+
+def app_builder(args: dict):
+    """An application builder for `serve run` and KubeRay's serveConfigV2 (``import_path:
+    server.cluster.app:app_builder``): ``args`` holds ClusterOptions fields (replicas, routing, ...) and
+    `rankserve serve` settings by field name (model, store, max_slots, ...); RANKSERVE_* variables apply
+    beneath them as for `rankserve serve`."""
+    names = {f.name for f in fields(ClusterOptions)}
+    env = {**os.environ, **{"RANKSERVE_" + k.upper(): str(v) for k, v in args.items() if k not in names}}
+    return build(settings_from(env=env), ClusterOptions(**{k: v for k, v in args.items() if k in names}))
 
 
 def replica_env() -> dict[str, str]:
