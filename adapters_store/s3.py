@@ -22,7 +22,8 @@ asks the store before answering 404; one that knows it sees a delete or a replac
 ``ttl_s``). When the store cannot be reached (a connection error, a timeout, a 5xx), every call raises
 ``StoreUnavailable`` (503 with Retry-After) except the ones it can answer from what it already knows: the
 last record read for an id and the cached blobs, so resident and locally cached adapters keep serving.
-After a failure the store is not asked again for ``down_s``, so a dead store costs no request a timeout.
+After a failure the store is not asked again for ``down_s``: only the request that finds a hung store
+out waits for the client's timeouts (make_client), not the ones after it.
 """
 
 from __future__ import annotations
@@ -54,14 +55,14 @@ def parse_url(url: str) -> tuple[str, str]:
     return parts.netloc, parts.path.strip("/")
 
 
-def make_client(timeout_s: float = 5.0):
+def make_client(timeout_s: float = 3.0):
     """A boto3 S3 client configured from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
     AWS_SECRET_ACCESS_KEY, AWS_REGION, profiles) with short timeouts and few retries: a dead store must
     answer 503 quickly, not hang a request."""
     import boto3
     from botocore.config import Config
 
-    config = Config(connect_timeout=min(timeout_s, 2.0), read_timeout=timeout_s,
+    config = Config(connect_timeout=min(timeout_s, 1.0), read_timeout=timeout_s,
                     retries={"max_attempts": 2, "mode": "standard"})
     return boto3.session.Session().client("s3", config=config)
 
@@ -181,7 +182,7 @@ class S3Backend:
         from botocore.exceptions import ClientError
 
         sha = staged.digest
-        self._upload_blob(staged.path, sha)
+        uploaded = self._upload_blob(staged.path, sha)
         if not self._conditional and self._fetch(adapter_id) is not None:
             raise FileExistsError(adapter_id)
         args = dict(Bucket=self.bucket, Key=self._record_key(adapter_id), Body=record, Metadata={BLOB_META: sha})
@@ -190,6 +191,8 @@ class S3Backend:
                 answer = self.client.put_object(**args, **({"IfNoneMatch": "*"} if self._conditional else {}))
         except ClientError as e:
             if _status(e) in (409, 412):  # taken (409: a concurrent conditional write in flight)
+                if uploaded:  # the loser's blob would be garbage
+                    self._collect(sha)
                 raise FileExistsError(adapter_id) from None
             if _status(e) != 501 or not self._conditional:
                 raise
@@ -207,17 +210,19 @@ class S3Backend:
             os.rmdir(staged.work)
         return known.version
 
-    def _upload_blob(self, path: Path, sha: str) -> None:
+    def _upload_blob(self, path: Path, sha: str) -> bool:
+        """Upload unless the store already has these bytes; True when this call wrote the blob."""
         from botocore.exceptions import ClientError
 
         with self._call("uploading a blob"):
             try:
                 self.client.head_object(Bucket=self.bucket, Key=self._blob_key(sha))
-                return  # content-addressed: the same bytes are already there
+                return False  # content-addressed: the same bytes are already there
             except ClientError as e:
                 if _status(e) != 404:
                     raise
             self.client.upload_file(str(path), self.bucket, self._blob_key(sha))
+        return True
 
     def version(self, adapter_id: str) -> str | None:
         known = self._record(adapter_id)

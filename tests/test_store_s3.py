@@ -54,7 +54,7 @@ def test_two_replicas_share_adapters_with_the_local_semantics(seaweed, url, tmp_
     assert seaweed.client().list_objects_v2(Bucket=url.split("/")[2]).get("KeyCount") == 0  # blobs collected
 
 
-def test_concurrent_publishes_of_one_id_leave_one_winner(url, tmp_path, tiny_llama):
+def test_concurrent_publishes_of_one_id_leave_one_winner(seaweed, url, tmp_path, tiny_llama):
     stores = [replica(url, tmp_path, f"r{i}") for i in range(4)]
     blobs = [compiled_bytes(tiny_llama, seed=10 + i) for i in range(4)]
     start, won, lost = threading.Barrier(4), [], []
@@ -72,6 +72,8 @@ def test_concurrent_publishes_of_one_id_leave_one_winner(url, tmp_path, tiny_lla
     for t in threads:
         t.join(60)
     assert len(won) == 1 and len(lost) == 3
+    keys = [o["Key"] for o in seaweed.client().list_objects_v2(Bucket=url.split("/")[2]).get("Contents", [])]
+    assert sorted(k.split("/")[-2] for k in keys) == ["adapters", "blobs"]  # the losers' blobs were removed
     fresh = replica(url, tmp_path, "fresh")
     assert fresh.get("race").digest == won[0] and fresh.load("race", base=tiny_llama) is not None
 
