@@ -66,3 +66,27 @@ def test_asgi_call_streams_status_headers_then_chunks():
     status, headers = items[0]
     assert status == 201 and ("content-type", "text/event-stream; charset=utf-8") in headers
     assert items[1:] == [b"data: a\n\n", b"data: b\n\n"]
+
+
+def test_replicas_and_autoscaling_settings_reach_the_engine_deployment():
+    import argparse
+
+    from server.cluster.app import app_builder
+    from server.cluster.cli import add_cluster_arguments, options_from
+
+    def engine(app):  # Ingress.bind(Engine.bind(...), ...): the engine deployment Ray will run
+        return app._bound_deployment.init_args[0]._bound_deployment
+
+    fixed = engine(app_builder({"model": "tiny-llama", "store": "s3://b/p", "replicas": 3, "replica_cpus": 0.5}))
+    assert fixed.num_replicas == 3 and fixed.ray_actor_options["num_cpus"] == 0.5
+    auto = {"min_replicas": 1, "max_replicas": 5, "target_ongoing_requests": 4}
+    scaled = engine(app_builder({"model": "tiny-llama", "store": "s3://b/p", "autoscaling": auto}))
+    cfg = scaled._deployment_config.autoscaling_config
+    assert (cfg.min_replicas, cfg.max_replicas, cfg.target_ongoing_requests) == (1, 5, 4)
+    parser = argparse.ArgumentParser()
+    add_cluster_arguments(parser)
+    opts = options_from(parser.parse_args(["--autoscaling", '{"min_replicas": 2, "max_replicas": 4}']))
+    assert opts.autoscaling == {"min_replicas": 2, "max_replicas": 4}
+    for bad in (["--replicas", "0"], ["--autoscaling", "[1]"], ["--adapters-per-replica", "0"]):
+        with pytest.raises(ValueError, match=bad[0]):
+            options_from(parser.parse_args(bad))
