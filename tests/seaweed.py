@@ -64,9 +64,13 @@ class SeaweedFS:
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed exited with {self.proc.returncode}: {self.logs()[-2000:]}")
-            try:
-                self.client().list_buckets()
-                return
+            try:  # a write and a read, not just a listing: after a restart its volumes come back later
+                client = self.client()
+                if not any(b["Name"] == "ready-probe" for b in client.list_buckets().get("Buckets", [])):
+                    client.create_bucket(Bucket="ready-probe")
+                client.put_object(Bucket="ready-probe", Key="probe", Body=b"ok")
+                if client.get_object(Bucket="ready-probe", Key="probe")["Body"].read() == b"ok":
+                    return
             except Exception:
                 time.sleep(0.5)
         raise TimeoutError(f"SeaweedFS S3 did not answer within {timeout} s: {self.logs()[-2000:]}")
