@@ -6,7 +6,7 @@
     rankserve adapters rm ID [--owner O]
     rankserve adapters inspect ID|FILE [--base NAME] [--owner O]
 
-``--store`` defaults to $RANKSERVE_STORE and ``--api-key`` to $RANKSERVE_API_KEY. Records and inspections
+``--store`` (a directory, or ``s3://BUCKET/PREFIX`` with the standard AWS variables) defaults to $RANKSERVE_STORE and ``--api-key`` to $RANKSERVE_API_KEY. Records and inspections
 print as JSON on stdout; errors print on stderr with exit status 1 (2 for usage errors). Ids are namespaced
 per tenant: ``--owner O`` on push/import-peft stores into tenant O's namespace, and on rm/inspect addresses
 O's adapter (against a server: ``?owner=O``, for a global admin key); without it, the public adapter.
@@ -59,7 +59,9 @@ def _http(args: argparse.Namespace, method: str, path: str, **kwargs) -> dict:
 def _store(args: argparse.Namespace) -> AdapterStore:
     if not args.store:
         raise CliError("say where the adapters live: --store DIR (or $RANKSERVE_STORE) or --server URL")
-    return AdapterStore(args.store)
+    from adapters_store.locations import open_store
+
+    return open_store(args.store)
 
 
 def _base(name: str | None):

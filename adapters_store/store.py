@@ -42,6 +42,7 @@ from adapters_store.tenancy import (
     Quota,
     QuotaExceeded,
     StoreError,
+    StoreUnavailable,
     Usage,
     check_id,
     check_key,
@@ -53,7 +54,7 @@ from adapters_store.validate import Limits, validate_bytes
 
 __all__ = ["ID_RE", "AdapterExists", "AdapterNotFound", "AdapterRecord", "AdapterStore", "AdapterTooLarge",
            "BytesQuotaExceeded", "CountQuotaExceeded", "InvalidAdapter", "InvalidAdapterId", "Quota",
-           "QuotaExceeded", "StoreError", "StoreFull", "Usage", "check_id", "storage_key"]
+           "QuotaExceeded", "StoreError", "StoreFull", "StoreUnavailable", "Usage", "check_id", "storage_key"]
 log = logging.getLogger(__name__)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

@@ -42,6 +42,15 @@ class AdapterNotFound(StoreError, LookupError):
     http_status = 404
 
 
+class StoreUnavailable(StoreError, ConnectionError):
+    """The storage service (an object store) cannot be reached or answers with a server error: 503 with
+    Retry-After. An OSError, so the engine retries a load that hit it as a transient failure."""
+
+    http_status = 503
+    code = "store_unavailable"
+    retry_after = 5.0
+
+
 class QuotaExceeded(StoreError):
     """An upload that would take its tenant past a quota; ``kind`` is "count" or "bytes" (a metric label)."""
 

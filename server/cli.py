@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="every flag also reads RANKSERVE_<FLAG> (flags win)"))
     sub.add_parser("adapters", help="push, list, rm, import-peft, inspect adapters (rankserve adapters --help)",
                    add_help=False)
+    sub.add_parser("cluster", help="the same API on Ray Serve: N replicas routed by adapter id (rankserve cluster --help)",
+                   add_help=False)
     return parser
 
 
@@ -120,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         from adapters_store.cli import main as adapters_main
 
         return int(adapters_main(argv[1:]) or 0)
+    if argv and argv[0] == "cluster":
+        from server.cluster.cli import main as cluster_main
+
+        return cluster_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapters_store.basemodels import BaseModel, load_base
+from adapters_store.locations import open_store as open_location
 from adapters_store.store import AdapterStore
 from adapters_store.validate import Limits
 from server.common.auth import FailedKeyLimiter, KeyRing, RateLimiter
@@ -105,7 +106,8 @@ class ServerState:
 
 def open_store(settings: Settings) -> AdapterStore:
     limits = Limits(max_file_bytes=settings.max_upload_bytes, max_rank=settings.max_rank)
-    return AdapterStore(settings.store, limits)
+    return open_location(settings.store, limits, cache_dir=settings.store_cache or None,
+                         cache_bytes=settings.store_cache_bytes)
 
 
 def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:

@@ -32,3 +32,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+from tests.seaweed import seaweed  # noqa: E402, F401  (the session's real S3 server, for the object-store tests)

@@ -47,6 +47,8 @@ class Settings:
     model: str = "smollm2"
     served_model_name: str | None = None  # the base's id in /v1/models and `model`; default: the --model value
     store: str = "adapters"
+    store_cache: str = ""  # object store only: the local blob cache directory ("" = under RANKSERVE_CACHE)
+    store_cache_bytes: int = 0  # object store only: the blob cache's bound; 0 = 4 GiB
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()  # inference keys, each "KEY" or "KEY:TENANT"
@@ -103,7 +105,9 @@ class Settings:
 _HELP = {
     "model": "smollm2 | minilm | tiny-llama | tiny-bert | a local Hugging Face directory",
     "served_model_name": "the base model's id in the API (default: the --model value)",
-    "store": "adapter store directory",
+    "store": "adapter store: a directory, or s3://BUCKET/PREFIX (endpoint and credentials from the AWS variables)",
+    "store_cache": "s3 stores: the local blob cache directory (default: under $RANKSERVE_CACHE)",
+    "store_cache_bytes": "s3 stores: the blob cache's size bound in bytes (0 = 4 GiB)",
     "api_keys": "inference key, KEY or KEY:TENANT (repeatable; env RANKSERVE_API_KEYS, comma-separated)",
     "admin_keys": "admin key for uploads and deletes, KEY or KEY:TENANT (repeatable; env RANKSERVE_ADMIN_KEYS)",
     "device": "auto | cpu | cuda",
@@ -213,7 +217,8 @@ def check(s: Settings) -> None:
                  "max_upload_bytes", "max_body_bytes", "kv_block_size", "limit_concurrency"):
         if getattr(s, name) < 1:
             problems.append(f"{_flag(name)} must be positive, got {getattr(s, name)}")
-    for name in ("port", "kv_cache_bytes", "cpu_cache_bytes", "tenant_max_adapters", "tenant_max_bytes"):
+    for name in ("port", "kv_cache_bytes", "cpu_cache_bytes", "store_cache_bytes", "tenant_max_adapters",
+                 "tenant_max_bytes"):
         # 0: any free port / sized from the machine / unlimited
         if getattr(s, name) < 0:
             problems.append(f"{_flag(name)} must be >= 0, got {getattr(s, name)}")
