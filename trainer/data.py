@@ -26,42 +26,82 @@ class Example:
     label: int | None = None  # classify: index into the label list
 
 
+class Record(dict):
+    """One data record, and where it came from (``where``: ``file:line``) for error messages."""
+
+    where: str = "a record"
+
+
+def located(rec: dict, where: str) -> Record:
+    out = Record(rec)
+    out.where = where
+    return out
+
+
+def where(rec: dict, index: int) -> str:
+    """``file:line`` of a record read from a file; otherwise its index in the list it came in."""
+    return rec.where if isinstance(rec, Record) else f"record {index}"
+
+
 def read_records(path: str | Path) -> list[dict]:
-    """JSONL (one object per line) or CSV/TSV with a header row, by file extension."""
+    """JSONL (one object per line) or CSV/TSV with a header row, by file extension. Every record keeps
+    its ``file:line``, so later errors (a missing field, an unknown label) name the line to fix."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    records: list[dict] = []
     if path.suffix.lower() in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{n}: each line must be a JSON object, got {type(rec).__name__}")
-        records.append(rec)
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            for row in reader:
+                records.append(located(row, f"{path}:{reader.line_num}"))
+    else:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: each line must be a JSON object, got {type(rec).__name__}")
+            records.append(located(rec, f"{path}:{n}"))
     if not records:
         raise ValueError(f"{path}: no records")
     return records
 
 
-def split_records(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A fixed shuffled split: (train, eval) with round(fraction * n) eval records."""
+def split_records(records: list[dict], fraction: float, seed: int,
+                  stratify: str | None = None) -> tuple[list[dict], list[dict]]:
+    """A fixed shuffled split: (train, eval) with round(fraction * n) eval records. With ``stratify``
+    (classify: ``"label"``) each class gives its share of the eval records (largest remainder), so a
+    class is never missing from the eval split by chance."""
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"eval split must be in [0, 1), got {fraction}")
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
+        raise ValueError(f"--eval-split must be in [0, 1), got {fraction}")
+    rng = random.Random(seed)
     n_eval = round(fraction * len(records))
-    return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
+    if stratify is None:
+        groups = {"": list(range(len(records)))}
+    else:
+        groups = {}
+        for i, rec in enumerate(records):
+            groups.setdefault(field(rec, stratify, i), []).append(i)
+    quota = {k: fraction * len(v) for k, v in sorted(groups.items())}
+    take = {k: int(q) for k, q in quota.items()}
+    for k in sorted(quota, key=lambda k: (take[k] - quota[k], k))[: n_eval - sum(take.values())]:
+        take[k] += 1
+    eval_ids: set[int] = set()
+    for k, ids in sorted(groups.items()):
+        ids = list(ids)
+        rng.shuffle(ids)
+        eval_ids.update(ids[: take[k]])
+    return ([r for i, r in enumerate(records) if i not in eval_ids], [r for i, r in enumerate(records) if i in eval_ids])
 
 
-def field(rec: dict, key: str, where: int) -> str:
+def field(rec: dict, key: str, index: int) -> str:
     value = rec.get(key)
     if value is None:
-        raise ValueError(f"record {where}: field {key!r} is missing (has {sorted(rec)})")
+        raise ValueError(f"{where(rec, index)}: field {key!r} is missing (has {sorted(rec)})")
     return str(value)
 
 
@@ -91,7 +131,7 @@ def classify_examples(records: list[dict], tokenizer, max_length: int, labels: l
     for i, rec in enumerate(records):
         name = field(rec, "label", i)
         if name not in index:
-            raise ValueError(f"record {i}: label {name!r} is not among the training labels {labels}")
+            raise ValueError(f"{where(rec, i)}: label {name!r} is not among the training labels {labels}")
         ids = tokenizer(field(rec, "text", i), truncation=True, max_length=max_length)["input_ids"]
         out.append(Example(input_ids=ids, label=index[name]))
     return out
