@@ -71,8 +71,12 @@ def place(model: nn.Module, adapter_params: set[int], device: torch.device, dtyp
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
-        # non-reentrant: works with a frozen base (the inputs need no grad) and keeps dropout's RNG
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: works with a frozen base (the inputs need no grad) and keeps dropout's RNG.
+        # transformers >= 5.x names it activation checkpointing; older ones (the GPU machine's) do not.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Placement(device, dtype, originals, gradient_checkpointing)
 
 
@@ -84,4 +88,5 @@ def restore(model: nn.Module, placement: Placement) -> None:
             if name in placement.originals:
                 p.data = placement.originals[name]
     if placement.checkpointing:
-        model.gradient_checkpointing_disable()
+        off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        off()
