@@ -1,7 +1,9 @@
 """Datasets from JSONL or CSV files, tokenised with the base's tokenizer and right-padded.
 
 generate: each record has ``prompt`` and ``completion`` (loss on the completion tokens only; the EOS
-token is appended to the completion) or plain ``text`` (loss on every token).
+token is appended to the completion), plain ``text`` (loss on every token), or ``messages`` (a chat,
+rendered with the base's chat template exactly as the server's /v1/chat/completions renders it, via
+``adapters_store.chat``; loss on the assistant turns only).
 classify: each record has ``text`` and ``label`` (any JSON scalar; labels are kept as strings, in
 sorted order unless given, and that order is the head's output order).
 """
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from adapters_store.chat import NoChatTemplate, chat_ids
 
 IGNORE = -100
 
@@ -105,9 +109,42 @@ def field(rec: dict, key: str, index: int) -> str:
     return str(value)
 
 
+def chat_example(rec: dict, index: int, tokenizer, max_length: int) -> Example:
+    """Token ids of the whole rendered chat; labels on the assistant turns only. Assistant turn k covers
+    the tokens between the render of messages[:k] with the generation prompt (the server's prompt for
+    that turn) and the render of messages[:k+1]; each render must be a token prefix of the next."""
+    messages = rec["messages"]
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)):
+        raise ValueError(f"{where(rec, index)}: 'messages' must be a non-empty list of "
+                         "{'role': str, 'content': str} objects")
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ValueError(f"{where(rec, index)}: no assistant message, so nothing would be trained")
+    try:
+        ids = chat_ids(tokenizer, messages, add_generation_prompt=False)
+        labels = [IGNORE] * len(ids)
+        for k in turns:
+            prompt = chat_ids(tokenizer, messages[:k], add_generation_prompt=True)
+            upto = chat_ids(tokenizer, messages[: k + 1], add_generation_prompt=False)
+            if upto[: len(prompt)] != prompt or ids[: len(upto)] != upto:
+                raise ValueError(f"the chat template does not render message {k} as a continuation of the ones "
+                                 "before it, so the assistant tokens cannot be told apart")
+            labels[len(prompt) : len(upto)] = ids[len(prompt) : len(upto)]
+    except NoChatTemplate as e:
+        raise ValueError(f"{where(rec, index)}: {e}: chat records need one") from None
+    except ValueError as e:
+        raise ValueError(f"{where(rec, index)}: {e}") from None
+    return Example(input_ids=ids[:max_length], labels=labels[:max_length])
+
+
 def generate_examples(records: list[dict], tokenizer, max_length: int) -> list[Example]:
     out = []
     for i, rec in enumerate(records):
+        if "messages" in rec:
+            out.append(chat_example(rec, i, tokenizer, max_length))
+            continue
         if "prompt" in rec or "completion" in rec:
             prompt = tokenizer(field(rec, "prompt", i))["input_ids"]
             completion = tokenizer(field(rec, "completion", i), add_special_tokens=False)["input_ids"]
