@@ -1,4 +1,4 @@
-"""``rankserve adapters {push,list,rm,import-peft,inspect}`` against a local store or a running server.
+"""``rankserve adapters {push,list,rm,import-peft,inspect,export-peft}`` against a local store or a running server.
 
     rankserve adapters push ID FILE.safetensors    --store DIR [--base NAME]  |  --server URL [--api-key K]
     rankserve adapters import-peft ID PEFT_DIR     --store DIR --model NAME   |  --server URL (the server converts)
