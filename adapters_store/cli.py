@@ -1,10 +1,11 @@
-"""``rankserve adapters {push,list,rm,import-peft,inspect}`` against a local store or a running server.
+"""``rankserve adapters {push,list,rm,import-peft,inspect,export-peft}`` against a local store or a running server.
 
     rankserve adapters push ID FILE.safetensors    --store DIR [--base NAME]  |  --server URL [--api-key K]
     rankserve adapters import-peft ID PEFT_DIR     --store DIR --model NAME   |  --server URL (the server converts)
     rankserve adapters list [--owner O] [--json]
     rankserve adapters rm ID [--owner O]
     rankserve adapters inspect ID|FILE [--base NAME] [--owner O]
+    rankserve adapters export-peft FILE.safetensors DIR --model NAME   (PEFT's format; not MoR)
 
 ``--store`` (a directory, or ``s3://BUCKET/PREFIX`` with the standard AWS variables) defaults to $RANKSERVE_STORE and ``--api-key`` to $RANKSERVE_API_KEY. Records and inspections
 print as JSON on stdout; errors print on stderr with exit status 1 (2 for usage errors). Ids are namespaced
@@ -176,6 +177,15 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         _print(out)
 
 
+def cmd_export_peft(args: argparse.Namespace) -> None:
+    from adapters_store.format import load_file
+    from adapters_store.peft_export import export_peft
+
+    config = export_peft(load_file(args.file), _base(args.model), args.dir)
+    _print({"dir": args.dir, "use_dora": config["use_dora"], "r": config["r"],
+            "modules": len(config["target_modules"]), "rank_pattern": len(config["rank_pattern"])})
+
+
 def build_parser() -> argparse.ArgumentParser:
     where = argparse.ArgumentParser(add_help=False)
     g = where.add_argument_group("where the adapters live")
@@ -212,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="also validate against this base model")
     p.add_argument("--owner", help="the tenant whose adapter it is (default: the public one)")
     p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("export-peft", help="write a compiled adapter as a PEFT directory (LoRA or DoRA; not MoR)")
+    p.add_argument("file", help="a compiled .safetensors adapter")
+    p.add_argument("dir", help="the PEFT directory to write (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--model", required=True, help="the base model the adapter was trained on (name or directory)")
+    p.set_defaults(fn=cmd_export_peft, store=None, server=None)
     return parser
 
 

@@ -109,7 +109,7 @@ def make_split(root: Path, categories: list[str], n_train: int, n_test: int) -> 
 def run_one(base, method: str, seed: int, train_set, test_set, labels, args, out_dir: Path, lr: float) -> dict:
     fresh = dataclasses.replace(base, model=copy.deepcopy(base.model))
     cfg = TrainConfig(method=method, task="classify", method_options=METHOD_OPTIONS[method], lr=lr,
-                      epochs=args.epochs, batch_size=args.batch_size, warmup_ratio=0.06, seed=seed, progress=False,
+                      epochs=args.epochs, batch_size=args.batch_size, seed=seed, progress=False,
                       eval_batch_size=32)
     result = train(fresh, train_set, test_set, cfg, labels)
     adapter = build_adapter(fresh, result, method, "classify")

@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_arguments(sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                                  description="every flag also reads RANKSERVE_<FLAG> (flags win)"))
-    sub.add_parser("adapters", help="push, list, rm, import-peft, inspect adapters (rankserve adapters --help)",
+    sub.add_parser("adapters", help="push, list, rm, import-peft, inspect, export-peft adapters (rankserve adapters --help)",
                    add_help=False)
     sub.add_parser("cluster", help="the same API on Ray Serve: N replicas routed by adapter id (rankserve cluster --help)",
                    add_help=False)

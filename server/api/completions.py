@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from adapters_store.chat import chat_ids
 from server.api.deps import (
     ERROR_RESPONSES,
     HUNG_GRACE_S,
@@ -74,8 +75,7 @@ def _prompt_ids(tokenizer, body: SamplingRequest, vocab_size: int) -> list[int]:
         # a message's name reaches the template, which renders it where the model's format has a place for it
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in body.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return chat_ids(tokenizer, messages, add_generation_prompt=True)  # the trainer renders chat data alike
     assert isinstance(body, CompletionRequest)
     prompt = body.prompt
     if isinstance(prompt, list) and isinstance(prompt[0], int):

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from adapters_store.format import ModuleWeights
-from trainer.methods.base import AdapterLayer, Controller, MethodConfig, fp32, register
+from trainer.methods.base import AdapterLayer, Controller, MethodConfig, check, fp32, register
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,16 @@ class AdaLoRAConfig(MethodConfig):
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.1
+    positive_alpha = False  # alpha <= 0: scaling = r, as in PEFT
+
+    def problems(self) -> list[str]:
+        out = super().problems() + check(init_r=(self.init_r, 1, None), tinit=(self.tinit, 0, None),
+                                         tfinal=(self.tfinal, 0, None), delta_t=(self.delta_t, 1, None),
+                                         beta1=(self.beta1, 0.0, 1.0), beta2=(self.beta2, 0.0, 1.0),
+                                         orth_reg_weight=(self.orth_reg_weight, 0.0, None))
+        if self.initial_rank < self.rank:
+            out.append(f"init_r ({self.initial_rank}) must be >= the target rank ({self.rank})")
+        return out
 
     @property
     def initial_rank(self) -> int:
@@ -60,8 +70,6 @@ class AdaLoRALinear(AdapterLayer):
     def __init__(self, base: nn.Linear, cfg: AdaLoRAConfig):
         super().__init__(base, cfg)
         r, w = cfg.initial_rank, base.weight
-        if r < cfg.rank:
-            raise ValueError(f"adalora init_r ({r}) must be >= the target rank ({cfg.rank})")
         self.lora_A = nn.Parameter(torch.randn(r, self.d_in).mul_(0.02).to(w))  # [init_r, d_in]
         self.lora_E = nn.Parameter(torch.zeros(r, 1).to(w))  # [init_r, 1]
         self.lora_B = nn.Parameter(torch.randn(self.d_out, r).mul_(0.02).to(w))  # [d_out, init_r]
@@ -190,15 +198,19 @@ class AdaLoRAController(Controller):
         self.update_and_allocate(step)
 
     def update_and_allocate(self, step: int) -> None:
-        """PEFT's AdaLoraModel.update_and_allocate: call after optimizer.step(), before zero_grad()."""
-        final = self.total - self.tfinal
+        """PEFT's AdaLoraModel.update_and_allocate: call after optimizer.step(), before zero_grad().
+
+        One deliberate difference: the forced final mask runs at T - tfinal or at the last step, whichever
+        comes first. With tfinal = 0 (PEFT's default) step T - tfinal never comes (steps count 0..T-1), so
+        PEFT saves an adapter over budget; here the file never holds more than the target budget."""
+        final = min(self.total - self.tfinal, self.total - 1)
         if step < final:
             self.update_importance()
             budget, mask_now = self.budget_schedule(step)
             if mask_now:
                 self.mask_to_budget(budget)
         elif step == final:
-            self.mask_to_budget(self.budget_schedule(step)[0])
+            self.mask_to_budget(self.target_budget)
             self.reset_importance()
         else:
             self.apply_kept()

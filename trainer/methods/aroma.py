@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from adapters_store.format import ModuleWeights
-from trainer.methods.base import AdapterLayer, Controller, MethodConfig, fp32, register
+from trainer.methods.base import AdapterLayer, Controller, MethodConfig, check, fp32, register
 from trainer.methods.lora import kaiming_a
 
 
@@ -60,6 +60,14 @@ class AROMAConfig(MethodConfig):
     restart_warmup: int | None = None  # None: min(50, cycle // 4)
     min_lr_ratio: float = 0.1
     moment_prune: float = 0.999
+
+    def problems(self) -> list[str]:
+        return super().problems() + check(
+            eps_in=(self.eps_in, 0.0, None), eps_out=(self.eps_out, 0.0, None), check_every=(self.check_every, 1, None),
+            max_inner_steps=(self.max_inner_steps, 1, None), window=(self.window, 1, None),
+            patience=(self.patience, 1, None), cycle_length=(self.cycle_length, 1, None),
+            first_warmup=(self.first_warmup, 0, None), restart_warmup=(self.restart_warmup, 0, None),
+            min_lr_ratio=(self.min_lr_ratio, 0.0, 1.0), moment_prune=(self.moment_prune, 0.0, 1.0))
 
 
 def relative_change(now: torch.Tensor, before: torch.Tensor) -> float:

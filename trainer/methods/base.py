@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,12 +36,35 @@ class MethodConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    positive_alpha: ClassVar[bool] = True  # AdaLoRA reads alpha <= 0 as "use r" (PEFT)
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        problems = self.problems()
+        if problems:  # every bad option in one message, before anything is built
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid option, each naming the option, its value and the allowed range; subclasses
+        extend the list (``super().problems() + [...]``)."""
+        out = check(rank=(self.rank, 1, None))
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            out.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not math.isfinite(self.alpha) or (self.positive_alpha and self.alpha <= 0):
+            out.append(f"alpha must be {'> 0' if self.positive_alpha else 'finite'}, got {self.alpha}")
+        return out
+
+
+def check(**ranges: tuple[float | None, float | None, float | None]) -> list[str]:
+    """``check(delta_t=(value, lo, hi))``: a problem for each value outside [lo, hi] (None: unbounded;
+    a value of None is an unset option and passes)."""
+    out = []
+    for name, (value, lo, hi) in ranges.items():
+        if value is None:
+            continue
+        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            bound = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+            out.append(f"{name} must be {bound}, got {value}")
+    return out
 
 
 class Controller:

@@ -24,13 +24,16 @@ import torch
 from torch import nn
 
 from adapters_store.format import ModuleWeights
-from trainer.methods.base import AdapterLayer, MethodConfig, fp32, lowrank_scale, register
+from trainer.methods.base import AdapterLayer, MethodConfig, check, fp32, lowrank_scale, register
 from trainer.methods.dora import magnitude_out_scale, row_norm
 
 
 @dataclass(frozen=True)
 class EDoRAConfig(MethodConfig):
     r_std: float = 1e-5
+
+    def problems(self) -> list[str]:
+        return super().problems() + check(r_std=(self.r_std, 0.0, None))
 
 
 def svd_factors(w0: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:

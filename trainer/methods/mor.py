@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from adapters_store.format import ModuleWeights
-from trainer.methods.base import AdapterLayer, MethodConfig, fp32, lowrank_scale, register
+from trainer.methods.base import AdapterLayer, MethodConfig, check, fp32, lowrank_scale, register
 from trainer.methods.lora import kaiming_a
 
 
@@ -36,10 +36,8 @@ from trainer.methods.lora import kaiming_a
 class MoRConfig(MethodConfig):
     num_experts: int = 8
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_experts < 1:
-            raise ValueError(f"mor num_experts must be >= 1, got {self.num_experts}")
+    def problems(self) -> list[str]:
+        return super().problems() + check(num_experts=(self.num_experts, 1, None))
 
 
 @register("mor")
