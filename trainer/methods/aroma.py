@@ -14,7 +14,7 @@ is defined for p = 1 too (B_0 A_0 = 0, so the denominator is ||W0||), and it is 
 (``check_first``): a module whose first component moves W0 by less than eps_out exports nothing. The
 released code always merges the first component (its ``previous_weight`` starts as None), so every
 adapted module keeps rank >= 1 and the file can never be smaller than one rank-1 pair per module
-(12.5% of LoRA r=8 on the same targets); ``check_first=false`` restores that. Otherwise the candidate is
+(12.5% of LoRA r=8 on the same targets); ``check_first=false`` restores that. A candidate that passes is
 accepted, A is re-drawn Kaiming-uniform and B zeroed, and (controller) 99.9% of the Adam moments of
 every live lora parameter are zeroed in place, at random (``optimizer_reset``); Adam's step count is
 kept. Training stops when every module has converged for ``patience`` consecutive resets.
