@@ -125,7 +125,7 @@ def run_one(base, method: str, seed: int, train_set, test_set, labels, args, out
            "setup": {k: getattr(args, k) for k in ("epochs", "batch_size", "max_length", "train_per_class",
                                                    "test_per_class")}}
     if method == "aroma":
-        row["aroma"] = {k: log["method_summary"][k] for k in ("resets", "converged", "stopped_early")}
+        row["aroma"] = {k: log["method_summary"][k] for k in ("resets", "converged", "stopped_early", "outer_ratios")}
     return row
 
 

@@ -183,8 +183,8 @@ def test_aroma_resets_only_when_every_module_is_done():
 
 
 def test_aroma_outer_loop_accepts_first_then_discards_a_small_component_and_stops_the_module():
-    layer = aroma_layer()
-    set_live(layer, 1e-6)  # tiny, but the first component is always accepted
+    layer = aroma_layer(check_first=False)
+    set_live(layer, 1e-6)  # tiny, but the released code always accepts the first component
     first_b, first_a = 2.0 * layer.lora_B.detach().clone(), layer.lora_A.detach().clone()
     assert layer.merge_check_and_reinit() == "accepted" and layer.num_components == 1
     assert not layer.lora_B.detach().any()  # B re-zeroed, A re-drawn
@@ -197,6 +197,21 @@ def test_aroma_outer_loop_accepts_first_then_discards_a_small_component_and_stop
     with torch.no_grad():
         torch.testing.assert_close(layer(x), layer.base(x) + x @ (first_b @ first_a).T, atol=1e-6, rtol=0)
     assert layer.merge_check_and_reinit() == "idle"
+
+
+def test_aroma_judges_the_first_component_against_w0_as_the_paper_does():
+    layer = aroma_layer()  # check_first (default): c_1 = ||s b_1 a_1|| / ||W0||
+    set_live(layer, 1e-6)
+    cand = 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()
+    assert layer.merge_check_and_reinit() == "converged"
+    assert layer.ratios == pytest.approx([float(cand.norm() / layer.weight.detach().norm())], rel=1e-5)
+    assert layer.num_components == 0 and layer.held_rank() == 0 and layer.compile() is None
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base(x), atol=0, rtol=0)  # the module is back to W0
+    big = aroma_layer()
+    set_live(big, 0.5)  # ||s B A|| / ||W0|| well above eps_out = 0.05: accepted as before
+    assert big.merge_check_and_reinit() == "accepted" and big.num_components == 1
 
 
 def test_aroma_stacked_export_equals_the_sum_of_accepted_components():
@@ -224,7 +239,7 @@ def test_aroma_ratio_is_relative_to_the_merged_weight():
     cand = 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()
     merged = layer.weight.detach() + layer.acc_b @ layer.acc_a
     layer.merge_check_and_reinit()
-    assert layer.ratios == pytest.approx([float(cand.norm() / merged.norm())], rel=1e-5)
+    assert layer.ratios[-1] == pytest.approx(float(cand.norm() / merged.norm()), rel=1e-5)
 
 
 def test_aroma_optimizer_reset_zeroes_almost_all_lora_moments_only():

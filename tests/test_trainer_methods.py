@@ -123,6 +123,22 @@ def test_mor_forward_and_compile_equal_the_literal_mixture():
         merged_weight(layer.weight, mw)
 
 
+def test_mor_served_width_n_times_r_is_the_method_not_the_format():
+    """docs/METHODS.md: B' = s[diag(lamB_i) B]_i has full column rank N*r once the lamB_i differ (d_out >= N*r),
+    so no narrower exact serving form exists; with equal lamB_i (the init) it collapses to rank r."""
+    layer = wrap("mor", base=linear(16, 24), rank=3, num_experts=4)
+    randomise(layer, "lora_B")
+    with torch.no_grad():
+        assert torch.linalg.matrix_rank(layer.expert_up()) == 3  # lamB = 1 everywhere: N copies of s B
+        randomise(layer, "lam_b", seed=3)
+        assert torch.linalg.matrix_rank(layer.expert_up()) == 4 * 3
+        trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+        assert trainable == 3 * (16 + 24) + 4 * (3 + 16 + 24)  # r(d_in+d_out) + N(r + d_in + d_out)
+        # what the file would need if it stored B and lamB instead of B' (docs/METHODS.md): B' is their function
+        rebuilt = torch.cat([layer.scale * layer.lam_b[i, :, None] * layer.lora_B for i in range(4)], dim=1)
+        torch.testing.assert_close(layer.compile().lora_b, rebuilt, atol=1e-6, rtol=0)
+
+
 def test_mor_router_init_breaks_expert_symmetry():
     layer = wrap("mor", rank=3, num_experts=4).train()
     assert layer.gate.abs().sum() > 0

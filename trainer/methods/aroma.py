@@ -8,8 +8,13 @@ when delta < eps_in ("stabilized", sticky until the next reset), after ``max_inn
 converged. A global reset fires only when every module is done.
 
 Outer loop at each reset (``merge_check_and_reinit``): c = ||s B A||_F / ||W0 + sum_p s b_p a_p||_F,
-averaged over ``window`` resets. The first component is always accepted. If c < eps_out the module
-has converged: the candidate is discarded and the module stops growing. Otherwise the candidate is
+averaged over ``window`` resets. If c < eps_out the module has converged: the candidate is discarded
+and the module stops growing. The paper's test, ||a b_p a_p|| / ||W0 + a B_{p-1} A_{p-1}|| < eps_out,
+is defined for p = 1 too (B_0 A_0 = 0, so the denominator is ||W0||), and it is applied there
+(``check_first``): a module whose first component moves W0 by less than eps_out exports nothing. The
+released code always merges the first component (its ``previous_weight`` starts as None), so every
+adapted module keeps rank >= 1 and the file can never be smaller than one rank-1 pair per module
+(12.5% of LoRA r=8 on the same targets); ``check_first=false`` restores that. A candidate that passes is
 accepted, A is re-drawn Kaiming-uniform and B zeroed, and (controller) 99.9% of the Adam moments of
 every live lora parameter are zeroed in place, at random (``optimizer_reset``); Adam's step count is
 kept. Training stops when every module has converged for ``patience`` consecutive resets.
@@ -17,6 +22,7 @@ The learning rate follows the repo's ``cosine_restarts`` schedule (ReLoRA's cosi
 warmups), restarting on a fixed cadence of ``cycle_length`` steps, not at the adaptive resets.
 
 Deliberate differences from the released code, each to follow the paper rather than an accident:
+- the first component is judged like the others (``check_first``, above).
 - accepted components are kept stacked, not added into W0: the file carries B = [s b_1 .. s b_P],
   A = [a_1; ..; a_P] (no SVD, no rounding drift), plus the live component of a module that never
   converged (the released code saves that too, unmerged). All-zero components are left out.
@@ -60,6 +66,7 @@ class AROMAConfig(MethodConfig):
     restart_warmup: int | None = None  # None: min(50, cycle // 4)
     min_lr_ratio: float = 0.1
     moment_prune: float = 0.999
+    check_first: bool = True  # the paper's outer test also judges p=1 (against ||W0||); False: the repo's
 
     def problems(self) -> list[str]:
         return super().problems() + check(
@@ -128,7 +135,7 @@ class AROMALinear(AdapterLayer):
             return "idle"
         self.stabilized, self.inner_steps, self.reference = False, 0, None
         cand_b, cand_a = self.scale * self.lora_B.detach().clone(), self.lora_A.detach().clone()
-        if self.num_components > 0:
+        if self.num_components > 0 or self.cfg.check_first:
             merged = self.weight.float() + self.acc_b.float() @ self.acc_a.float()  # W0 + sum s b_p a_p
             ratio = float((cand_b.float() @ cand_a.float()).norm() / merged.norm())
             self.ratios.append(ratio)
