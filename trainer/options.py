@@ -26,6 +26,7 @@ OPTION_HELP = {
     "orth_reg_weight": "weight of the orthogonality penalty on A and B",
     "eps_in": "inner loop: a component is stable when ||BA - BA_prev|| / ||BA_prev|| < eps_in",
     "eps_out": "outer loop: a module converges when ||s b a|| / ||W0 + merged|| < eps_out",
+    "check_first": "judge the first component with the outer test too (the paper); false keeps it always, as the authors' code does",
     "check_every": "steps between inner-loop stability checks",
     "max_inner_steps": "steps after which a component counts as done even if not stable",
     "window": "outer ratios averaged over this many resets",
