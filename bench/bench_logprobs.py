@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 
 import torch
-
 from bench_ab_engine import Store, base_model
+
 from server.engine import Engine, EngineConfig, GenerateParams
 
 CASES = {
