@@ -42,6 +42,7 @@ from server.api.deps import (
 from server.api.middleware import describe_error
 from server.api.openai_shapes import Choice, Shape, TokenTexts, sse
 from server.api.schemas import (
+    ChatMessage,
     ChatRequest,
     ChatResponse,
     CompletionRequest,
@@ -70,6 +71,17 @@ async def chat_completions(body: ChatRequest, request: Request, principal: Princ
     return await _generate(request, body, principal, chat=True)
 
 
+def chat_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
+             add_special_tokens: bool = False) -> list[int]:
+    """The token ids of chat messages through the base tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadRequest("this base model's tokenizer has no chat template: use /v1/completions", param="messages")
+    # a message's name reaches the template, which renders it where the model's format has a place for it
+    rendered = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+    text = tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
 def _prompt_ids(tokenizer, body: SamplingRequest, vocab_size: int) -> list[list[int]]:
     """Token ids per prompt; ids outside the vocabulary (prompt, logit_bias, stop_token_ids) are 400s."""
     for name, ids in (("logit_bias", list(body.bias_ids)), ("stop_token_ids", body.stop_token_ids or [])):
@@ -78,13 +90,7 @@ def _prompt_ids(tokenizer, body: SamplingRequest, vocab_size: int) -> list[list[
             raise InvalidParameter(f"{name}: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})",
                                    param=name)
     if isinstance(body, ChatRequest):
-        if not getattr(tokenizer, "chat_template", None):
-            raise BadRequest("this base model's tokenizer has no chat template: use /v1/completions", param="messages")
-        # a message's name reaches the template, which renders it where the model's format has a place for it
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in body.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return [list(tokenizer(text, add_special_tokens=False)["input_ids"])]
+        return [chat_ids(tokenizer, body.messages)]
     assert isinstance(body, CompletionRequest)
     out = []
     for prompt in body.prompts:
@@ -107,14 +113,19 @@ def _seed(seed: int | None, j: int) -> int | None:
 
 
 class EventReader:
-    """One request's events; the client's disconnect cancels it (the engine frees it within one step), and
-    a hung engine turns into 504 instead of a request that never ends."""
+    """One engine sequence's events; a hung engine turns into 504 instead of a request that never ends.
+    ``readers`` opens one per sequence of a request under ONE disconnect watcher, which cancels them all."""
 
-    def __init__(self, handle: RequestHandle, request: Request, deadline: float):
+    def __init__(self, handle: RequestHandle, deadline: float, watch: asyncio.Future):
         self.handle = handle
         self.deadline = deadline
         self._it = handle.events().__aiter__()
-        self._watch = watch_disconnect(request, handle.cancel)
+        self._watch = watch
+
+    @classmethod
+    def readers(cls, handles: list[RequestHandle], request: Request, deadline: float) -> list[EventReader]:
+        watch = watch_disconnect(request, lambda: [h.cancel() for h in handles])  # the engine frees them in a step
+        return [cls(h, deadline, watch) for h in handles]
 
     async def next(self) -> GenerateEvent | None:
         timeout = max(0.0, self.deadline - time.monotonic()) + HUNG_GRACE_S
@@ -166,7 +177,7 @@ async def _generate(request: Request, body: SamplingRequest, principal: Principa
                 logprobs=k if k is not None or best_of == n else 0,  # best_of ranks by the chosen tokens' logprobs
                 prompt_logprobs=k if echo else None))
             choices.append(Choice(index=i * n + j, prompt_index=i))
-    readers = [EventReader(h, request, deadline) for h in engine.submit_many(params)]
+    readers = EventReader.readers(engine.submit_many(params), request, deadline)
     firsts: list[GenerateEvent | None] = []
     try:
         for reader in readers:  # every sequence's first event before the answer starts: its status is known

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from adapters_store.tenancy import resolve
+from server.api.completions import chat_ids
 from server.api.deps import ERROR_RESPONSES, adapter_of, get_state, inference_principal
 from server.api.schemas import (
     DetokenizeRequest,
@@ -18,7 +19,7 @@ from server.api.schemas import (
     VersionResponse,
 )
 from server.common.auth import Principal
-from server.common.errors import BadRequest, InvalidParameter, UnknownAdapter
+from server.common.errors import InvalidParameter, UnknownAdapter
 from server.state import ServerState
 
 router = APIRouter(tags=["tokenize"])
@@ -42,13 +43,7 @@ async def _check_model(state: ServerState, model: str | None, principal: Princip
 
 def _tokenize(tokenizer, body: TokenizeRequest) -> list[int]:
     if body.messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise BadRequest("this base model's tokenizer has no chat template", param="messages")
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in body.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
-                                             tokenize=False)
-        return list(tokenizer(text, add_special_tokens=bool(body.add_special_tokens))["input_ids"])
+        return chat_ids(tokenizer, body.messages, body.add_generation_prompt, bool(body.add_special_tokens))
     special = True if body.add_special_tokens is None else body.add_special_tokens
     return list(tokenizer(body.prompt, add_special_tokens=special)["input_ids"])
 

@@ -34,7 +34,7 @@ from server.common.machine import host_share_bytes
 from server.common.metrics import Metrics
 from server.engine.classify import ClassifyStep, check_rows
 from server.engine.isolation import forward_isolating, sample_isolating
-from server.engine.logprobs import record_prompt_logprobs
+from server.engine.logprobs import take_prompt_logprobs
 from server.engine.output import OutputState, eos_ids
 from server.engine.request import ClassifyJob, EventSink, GenerateParams, GenRequest, RequestHandle
 from server.engine.sampler import RowSampling, make_generator
@@ -304,13 +304,13 @@ class Engine:
             m.batch_distinct_adapters.observe(len({r.key for r in reqs if r.key is not None}))
         ready: list[tuple[GenRequest, torch.Tensor]] = []
         for (r, n), c, lg in zip(chunks, run, logits, strict=True):
+            num_prompt = r.tokens.num_prompt
+            if c.all_logits and not isinstance(lg, Exception):  # prompt logprobs, then the last position's logits
+                lg = take_prompt_logprobs(r.prompt_logprobs, r.tokens.ids, num_prompt, c.start, lg,  # type: ignore[attr-defined]
+                                          r.rows.params.prompt_logprobs)  # type: ignore[attr-defined]
             if isinstance(lg, Exception):
                 self._fail_alone(r, "forward", lg)  # type: ignore[arg-type]
                 continue
-            num_prompt = r.tokens.num_prompt
-            if c.all_logits:  # prompt logprobs, then the last position's logits as for any chunk
-                record_prompt_logprobs(r.prompt_logprobs, r.tokens.ids, num_prompt, c.start, lg, r.rows.params.prompt_logprobs)
-                lg = lg[-1]
             if r.num_computed < num_prompt and m is not None and not r.preemptions:
                 if r.num_computed == 0 and r.scheduled_at is not None:
                     m.queue_time.observe(r.scheduled_at - r.arrival)

@@ -63,3 +63,14 @@ def record_prompt_logprobs(found: list[TokenLogprobs | None], ids: list[int], nu
     first = max(first, 0)
     targets = torch.tensor(ids[start + first + 1:start + last + 1], device=logits.device)
     found.extend(token_logprobs(logits[first:last], targets, [k or 0] * (last - first)))
+
+
+def take_prompt_logprobs(found: list[TokenLogprobs | None], ids: list[int], num_prompt: int, start: int,
+                         logits: torch.Tensor, k: int | None) -> torch.Tensor | Exception:
+    """``record_prompt_logprobs``, then the chunk's last position's logits ``[V]`` (what the sampler takes);
+    an error is returned, not raised: it is this request's alone."""
+    try:
+        record_prompt_logprobs(found, ids, num_prompt, start, logits, k)
+        return logits[-1]
+    except Exception as e:
+        return e

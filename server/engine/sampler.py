@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -50,7 +51,7 @@ class SamplingParams:
     def penalized(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
-    @property
+    @cached_property  # read per row every step: computed once
     def processed(self) -> bool:
         """Whether any logits processor applies to this request (False: the step skips them for it)."""
         return self.min_tokens > 0 or bool(self.logit_bias) or self.penalized
