@@ -46,6 +46,7 @@ from server.api.schemas import (
     SamplingRequest,
     Usage,
 )
+from server.api.structured import compile_guide
 from server.common.auth import Principal
 from server.common.errors import BadRequest, DeadlineExceeded, InvalidParameter, ServingError
 from server.engine import GenerateEvent, GenerateParams, RequestHandle
@@ -125,6 +126,7 @@ async def _generate(request: Request, body: SamplingRequest, principal: Principa
     engine.check_capacity()  # 429 / 503 before any tokenising (RELIABILITY row 19)
     prompt_ids = await run_in_threadpool(_prompt_ids, rt.tokenizer, body,
                                          int(rt.base.model.config.vocab_size))
+    guide = await compile_guide(engine, body)  # 400 for an invalid schema/regex, before anything is queued
     max_tokens = body.max_tokens
     if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
         max_tokens = body.max_completion_tokens
@@ -137,7 +139,7 @@ async def _generate(request: Request, body: SamplingRequest, principal: Principa
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0), seed=body.seed,
         stop=body.stop_list, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos, request_id=rid,
-        deadline=deadline)
+        deadline=deadline, guide=guide)
     handle = engine.submit_generate(params)
     reader = EventReader(handle, request, deadline)
     try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from server.common.errors import DeadlineExceeded, ServingError
 from server.common.metrics import Metrics
+from server.engine.guided import GuideSpec
 from server.engine.output import OutputState
 from server.engine.sampler import RowSampling, SamplingParams
 from server.engine.tokens import TokenState
@@ -37,6 +38,7 @@ class GenerateParams:
     ignore_eos: bool = False
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() seconds; None = the engine's request_timeout_s
+    guide: GuideSpec | None = None  # structured output (compile it first with engine.guides.compile, off-loop)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.engine.guided import Guide, advance_rows, mask_rows
 from server.engine.tokens import TokenState
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what torch.Generator.manual_seed takes
@@ -57,6 +58,7 @@ class RowSampling:
     params: SamplingParams
     generator: torch.Generator
     tokens: TokenState = field(default_factory=TokenState)
+    guide: Guide | None = None  # structured output: the request's grammar matcher (engine.guided)
 
     @property
     def num_generated(self) -> int:
@@ -82,6 +84,10 @@ def sample(logits: torch.Tensor, rows: list[RowSampling], eos_ids: torch.Tensor)
             is_eos = torch.zeros(V, dtype=torch.bool, device=dev)
             is_eos[eos_ids.to(dev)] = True
             logits = logits.masked_fill(held & is_eos[None, :], float("-inf"))
+    guides = [r.guide for r in rows]
+    guided = any(g is not None for g in guides)
+    if guided:  # constrained rows: tokens outside the grammar get -inf (rows without a guide pay nothing)
+        logits, grammar_bias = mask_rows(logits, guides)
     out = logits.argmax(dim=-1)  # [B]; greedy rows keep this
     sampled = [i for i, r in enumerate(rows) if r.params.temperature >= GREEDY_BELOW]
     if sampled:
@@ -103,4 +109,7 @@ def sample(logits: torch.Tensor, rows: list[RowSampling], eos_ids: torch.Tensor)
         target = (u * cum[:, -1])[:, None].contiguous()
         pick = torch.searchsorted(cum, target).clamp_max(V - 1)  # [S, 1]
         out[idx] = order.gather(1, pick)[:, 0]
-    return out.tolist()
+    tokens = out.tolist()
+    if guided:
+        advance_rows(guides, grammar_bias, tokens)
+    return tokens
