@@ -126,7 +126,7 @@ async def _generate(request: Request, body: SamplingRequest, principal: Principa
     engine.check_capacity()  # 429 / 503 before any tokenising (RELIABILITY row 19)
     prompt_ids = await run_in_threadpool(_prompt_ids, rt.tokenizer, body,
                                          int(rt.base.model.config.vocab_size))
-    guide = await compile_guide(engine, body)  # 400 for an invalid schema/regex, before anything is queued
+    guide = await compile_guide(engine, body.guide_spec())  # 400 for an invalid schema/regex, before anything is queued
     max_tokens = body.max_tokens
     if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
         max_tokens = body.max_completion_tokens

@@ -78,9 +78,8 @@ class GuidedFields(BaseModel):
         return None
 
 
-async def compile_guide(engine, body: GuidedFields) -> GuideSpec | None:
-    """The request's constraint, compiled into the engine's cache off the event loop and the engine thread."""
-    spec = body.guide_spec()
+async def compile_guide(engine, spec: GuideSpec | None) -> GuideSpec | None:
+    """A request's constraint, compiled into the engine's cache off the event loop and the engine thread."""
     if spec is None:
         return None
     try:

@@ -40,6 +40,7 @@ from server.engine.output import OutputState, eos_ids
 from server.engine.request import ClassifyJob, EventSink, GenerateParams, GenRequest, RequestHandle
 from server.engine.sampler import RowSampling, make_generator
 from server.engine.scheduler import Request, Scheduler
+from server.engine.token_logprobs import record as record_logprobs
 from server.engine.tokens import TokenState
 from server.lora.merge_policy import MergePolicy
 from server.lora.pool import AdapterPool, make_pool
@@ -197,7 +198,8 @@ class Engine:
         req = GenRequest(request_id=rid, key=record.digest if record else None, tokens=tokens,
                          max_tokens=params.max_tokens, adapter_id=params.adapter_id, arrival=now, deadline=deadline,
                          handle=handle, out=OutputState(sp, self.tokenizer, tokens, self._eos, guide),
-                         rows=RowSampling(sp, self._generator(sp.seed), tokens, guide), store_key=store_key)
+                         rows=RowSampling(sp, self._generator(sp.seed), tokens, guide), store_key=store_key,
+                         logprobs=[] if params.token_logprobs else None)
         handle._req = req
         self.scheduler.add(req)
         if self.metrics is not None:
@@ -320,8 +322,9 @@ class Engine:
                 ready.append((r, lg))  # type: ignore[arg-type]
         if not ready:
             return
-        tokens = sample_isolating(torch.stack([lg for _, lg in ready]), [r.rows for r, _ in ready],
-                                  self._eos_tensor)
+        step_logits = torch.stack([lg for _, lg in ready])  # [R, V]
+        tokens = sample_isolating(step_logits, [r.rows for r, _ in ready], self._eos_tensor)
+        record_logprobs(step_logits, [r for r, _ in ready], tokens)  # only requests that asked
         now = time.monotonic()
         for (r, _), tok in zip(ready, tokens, strict=True):
             if isinstance(tok, Exception):

@@ -39,6 +39,7 @@ class GenerateParams:
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() seconds; None = the engine's request_timeout_s
     guide: GuideSpec | None = None  # structured output (compile it first with engine.guides.compile, off-loop)
+    token_logprobs: bool = False  # events carry each sampled token's logprob (engine.token_logprobs)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -54,6 +55,7 @@ class GenerateEvent:
     prompt_tokens: int
     completion_tokens: int
     error: ServingError | None = None
+    logprobs: list[float] | None = None  # per token id, when the request asked (GenerateParams.token_logprobs)
 
 
 class EventSink:
@@ -163,11 +165,14 @@ class GenRequest(Request):
     rows: RowSampling | None = None
     done: bool = False
     last_token_at: float | None = None
+    logprobs: list[float] | None = None  # the sampled tokens' logprobs, when asked (engine.token_logprobs)
 
     def event(self, delta: str = "", token_ids: list[int] | None = None, reason: str | None = None,
               error: ServingError | None = None) -> GenerateEvent:
         """An event for the caller, its usage counts read from the token state."""
-        return GenerateEvent(delta, token_ids or [], reason, self.tokens.num_prompt, self.tokens.num_generated, error)
+        ids = token_ids or []
+        lps = self.logprobs[len(self.logprobs) - len(ids):] if self.logprobs is not None else None
+        return GenerateEvent(delta, ids, reason, self.tokens.num_prompt, self.tokens.num_generated, error, lps)
 
     def observe_token(self, now: float, metrics: Metrics | None) -> None:
         if metrics is not None:
