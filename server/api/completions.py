@@ -99,6 +99,21 @@ class EventReader:
         self._it = handle.events().__aiter__()
         self._watch = watch_disconnect(request, handle.cancel)
 
+    @classmethod
+    async def open(cls, engine, params: GenerateParams, request: Request, deadline: float
+                   ) -> tuple[EventReader, GenerateEvent | None]:
+        """Submit, then await the first event: a request that fails before its first token raises here, so it
+        still gets its proper status code."""
+        reader = cls(engine.submit_generate(params), request, deadline)
+        try:
+            first = await reader.next()
+            if first is not None and first.error is not None:
+                raise first.error
+        except BaseException:
+            await reader.close()
+            raise
+        return reader, first
+
     async def next(self) -> GenerateEvent | None:
         timeout = max(0.0, self.deadline - time.monotonic()) + HUNG_GRACE_S
         try:
@@ -140,15 +155,7 @@ async def _generate(request: Request, body: SamplingRequest, principal: Principa
         top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0), seed=body.seed,
         stop=body.stop_list, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos, request_id=rid,
         deadline=deadline, guide=guide)
-    handle = engine.submit_generate(params)
-    reader = EventReader(handle, request, deadline)
-    try:
-        first = await reader.next()
-        if first is not None and first.error is not None:
-            raise first.error
-    except BaseException:
-        await reader.close()
-        raise
+    reader, first = await EventReader.open(engine, params, request, deadline)
     shape = _Shape(("chatcmpl-" if chat else "cmpl-") + rid, int(time.time()), body.model, chat)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -204,14 +204,7 @@ async def _start(request: Request, principal: Principal) -> _Run:
         temperature=(p.temperature or 1.0) if p.sampling else 0.0, top_p=p.top_p or 1.0, top_k=p.top_k or 0,
         seed=p.seed, stop=p.stop, ignore_eos=p.ignore_eos_token, request_id=request.state.request_id,
         deadline=deadline, guide=guide, token_logprobs=True)
-    reader = EventReader(engine.submit_generate(params), request, deadline)
-    try:
-        first = await reader.next()
-        if first is not None and first.error is not None:
-            raise first.error
-    except BaseException:
-        await reader.close()
-        raise
+    reader, first = await EventReader.open(engine, params, request, deadline)
     specials = frozenset(int(i) for i in rt.tokenizer.all_special_ids)
     return _Run(body, reader, first, eos_ids(rt.base), specials)
 
