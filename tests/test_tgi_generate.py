@@ -124,3 +124,5 @@ def test_errors_in_lorax_shape(live):
     assert r.status_code == 400 and r.json()["error_type"] == "validation" and "max_tokens" in r.json()["error"]
     r = httpx.post(live.url + "/generate", json={"inputs": "", "parameters": {}}, timeout=60)
     assert r.status_code == 400 and "inputs" in r.json()["error"]
+    r = httpx.post(live.url + "/generate", json={"inputs": PROMPT, "stream": True}, timeout=60)
+    assert r.status_code == 400 and "generate_stream" in r.json()["error"]

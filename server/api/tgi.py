@@ -185,10 +185,13 @@ class _Run:
         return d
 
 
-async def _start(request: Request, principal: Principal) -> _Run:
+async def _start(request: Request, principal: Principal, streams: bool | None = None) -> _Run:
+    """Parse, validate and submit; ``streams``: whether the route streams (None: as the body says)."""
     state = get_state(request)
     deadline = time.monotonic() + state.settings.request_timeout
     body = await _parse(request)
+    if streams is False and body.stream:
+        raise InvalidParameter("stream: use POST /generate_stream (or POST / with stream)", param="stream")
     p = body.parameters
     rt = state.require()
     engine = rt.engine
@@ -261,11 +264,7 @@ def _stream(request: Request, run: _Run) -> StalledReaderGuard:
 async def generate(request: Request, principal: Principal = Depends(inference_principal)):
     """LoRAX/TGI: `{"inputs", "parameters": {"adapter_id", "max_new_tokens", ..., "details"}}`."""
     try:
-        run = await _start(request, principal)
-        if run.body.stream:
-            await run.reader.close()
-            raise InvalidParameter("stream: use POST /generate_stream (or POST / with stream)", param="stream")
-        return await _answer(run)
+        return await _answer(await _start(request, principal, streams=False))
     except Exception as e:
         return tgi_error(e)
 
@@ -274,7 +273,7 @@ async def generate(request: Request, principal: Principal = Depends(inference_pr
 async def generate_stream(request: Request, principal: Principal = Depends(inference_principal)):
     """LoRAX/TGI: the same request, answered as server-sent events, one per token."""
     try:
-        return _stream(request, await _start(request, principal))
+        return _stream(request, await _start(request, principal, streams=True))
     except Exception as e:
         return tgi_error(e)
 
