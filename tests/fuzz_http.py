@@ -32,7 +32,7 @@ GENERATE_IDS = [BASE] + [i for i, (task, _) in ADAPTERS.items() if task == "gene
 CLASSIFY_IDS = [i for i, (task, _) in ADAPTERS.items() if task == "classify"]
 UPLOAD_PREFIX = "fuzzup-"  # the only ids the fuzzer's uploads may create (and delete)
 UPLOAD_POOL = [f"{UPLOAD_PREFIX}{i}" for i in range(4)]
-UNKNOWN_FIELDS = ["tools", "response_format", "suffix", "guided_json", "foo", "Model",
+UNKNOWN_FIELDS = ["tools", "guided_grammar", "suffix", "guided_decoding_backend", "foo", "Model",
                   "__proto__", "model ", "\ud800", "", "x" * 300]
 
 INFERENCE = frozenset({200, 400, 401, 404, 413, 429})  # invalid parameters are 400 (DESIGN section 4)

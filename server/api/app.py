@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import adapters, classify, completions, models, probes, tokenize
+from server.api import adapters, classify, completions, models, probes, tgi, tokenize, vllm_adapters
 from server.api.middleware import EdgeMiddleware, install_error_handlers
 from server.common.config import Settings
 from server.common.metrics import Metrics
@@ -37,6 +37,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None, metrics: Metr
     app.state.rankserve = state
     install_error_handlers(app, state.metrics)
     app.add_middleware(EdgeMiddleware, state=state)
-    for module in (completions, classify, adapters, models, probes, tokenize):
+    for module in (completions, classify, tgi, adapters, vllm_adapters, models, probes, tokenize):
         app.include_router(module.router)
     return app

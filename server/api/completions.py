@@ -49,6 +49,7 @@ from server.api.schemas import (
     CompletionResponse,
     SamplingRequest,
 )
+from server.api.structured import compile_guide
 from server.common.auth import Principal
 from server.common.errors import BadRequest, DeadlineExceeded, InvalidParameter, ServingError
 from server.engine import GenerateEvent, GenerateParams, RequestHandle
@@ -123,9 +124,26 @@ class EventReader:
         self._watch = watch
 
     @classmethod
-    def readers(cls, handles: list[RequestHandle], request: Request, deadline: float) -> list[EventReader]:
-        watch = watch_disconnect(request, lambda: [h.cancel() for h in handles])  # the engine frees them in a step
-        return [cls(h, deadline, watch) for h in handles]
+    async def open(cls, engine, params: list[GenerateParams], request: Request, deadline: float
+                   ) -> tuple[list[EventReader], list[GenerateEvent | None]]:
+        """Submit the sequences (all or none), then await every one's first event: a request that fails before
+        its first token raises here, so it still gets its proper status code. One disconnect watcher cancels
+        them all (the engine frees them in a step). Shared by the OpenAI and LoRAX/TGI routes."""
+        handles = engine.submit_many(params)
+        watch = watch_disconnect(request, lambda: [h.cancel() for h in handles])
+        readers = [cls(h, deadline, watch) for h in handles]
+        firsts: list[GenerateEvent | None] = []
+        try:
+            for reader in readers:
+                ev = await reader.next()
+                if ev is not None and ev.error is not None:
+                    raise ev.error
+                firsts.append(ev)
+        except BaseException:
+            for reader in readers:
+                await reader.close()
+            raise
+        return readers, firsts
 
     async def next(self) -> GenerateEvent | None:
         timeout = max(0.0, self.deadline - time.monotonic()) + HUNG_GRACE_S
@@ -151,6 +169,7 @@ async def _generate(request: Request, body: SamplingRequest, principal: Principa
     adapter_id = adapter_of(state, body.model)
     engine.check_capacity()  # 429 / 503 before any tokenising (RELIABILITY row 19)
     prompts = await run_in_threadpool(_prompt_ids, rt.tokenizer, body, int(rt.base.model.config.vocab_size))
+    guide = await compile_guide(engine, body.guide_spec())  # 400 for an invalid schema/regex, before anything is queued
     rid = request.state.request_id
     request.state.user = body.user  # the end-user id goes into the access log line
     k = body.num_logprobs  # type: ignore[attr-defined]
@@ -175,20 +194,9 @@ async def _generate(request: Request, body: SamplingRequest, principal: Principa
                 presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
                 repetition_penalty=body.repetition_penalty or 1.0, logit_bias=body.bias_ids, min_p=body.min_p or 0.0,
                 logprobs=k if k is not None or best_of == n else 0,  # best_of ranks by the chosen tokens' logprobs
-                prompt_logprobs=k if echo else None))
+                prompt_logprobs=k if echo else None, guide=guide))
             choices.append(Choice(index=i * n + j, prompt_index=i))
-    readers = EventReader.readers(engine.submit_many(params), request, deadline)
-    firsts: list[GenerateEvent | None] = []
-    try:
-        for reader in readers:  # every sequence's first event before the answer starts: its status is known
-            ev = await reader.next()
-            if ev is not None and ev.error is not None:
-                raise ev.error
-            firsts.append(ev)
-    except BaseException:
-        for reader in readers:
-            await reader.close()
-        raise
+    readers, firsts = await EventReader.open(engine, params, request, deadline)
     texts = TokenTexts(rt.tokenizer, body.return_tokens_as_token_ids)
     shape = Shape(("chatcmpl-" if chat else "cmpl-") + rid, int(time.time()), body.model, chat, texts, k is not None)
     echoed = None

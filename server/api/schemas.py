@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from server.api.structured import GuidedFields
 from server.engine.logprobs import MAX_LOGPROBS
 from server.engine.sampler import SEED_MAX, SEED_MIN
 
@@ -53,7 +54,7 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingRequest(Strict):
+class SamplingRequest(GuidedFields):  # GuidedFields: response_format, guided_* (structured output); extra="forbid"
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: Text = Field(min_length=1, max_length=256,

@@ -33,6 +33,7 @@ from server.common.errors import (
 from server.common.machine import host_share_bytes
 from server.common.metrics import Metrics
 from server.engine.classify import ClassifyStep, check_rows
+from server.engine.guided import Guides
 from server.engine.isolation import forward_isolating, sample_isolating
 from server.engine.logprobs import take_prompt_logprobs
 from server.engine.output import OutputState, eos_ids
@@ -81,6 +82,7 @@ class Engine:
                                        before_run=self.merging.unmerge)
         self._eos = eos_ids(base)
         self._eos_tensor = torch.tensor(sorted(self._eos), dtype=torch.long)
+        self.guides = Guides(self.tokenizer, int(base.model.config.vocab_size), self._eos)  # structured output
         self._gen = torch.Generator().manual_seed(cfg.seed)
         self._gen_lock = threading.Lock()
         self._ids = itertools.count()
@@ -194,10 +196,12 @@ class Engine:
         deadline = params.deadline if params.deadline is not None else now + self.config.request_timeout_s
         handle = RequestHandle(rid, EventSink.for_caller(), self.cancel)
         tokens = TokenState(list(params.prompt_ids))
+        guide = self.guides.start(params.guide) if params.guide is not None else None
         req = GenRequest(request_id=rid, key=record.digest if record else None, tokens=tokens,
                          max_tokens=params.max_tokens, adapter_id=params.adapter_id, arrival=now, deadline=deadline,
-                         handle=handle, out=OutputState(sp, self.tokenizer, tokens, self._eos),
-                         rows=RowSampling(sp, self._generator(sp.seed), tokens), store_key=store_key,
+                         handle=handle, out=OutputState(sp, self.tokenizer, tokens, self._eos, guide),
+                         rows=RowSampling(sp, self._generator(sp.seed), tokens, guide=guide),
+                         store_key=store_key,
                          prompt_logprobs=None if sp.prompt_logprobs is None else [None])
         handle._req = req
         return req

@@ -10,11 +10,14 @@ already the step's private copy, so the raw logits the logprobs are computed fro
 3. ``apply_penalties``: repetition (HF/vLLM: over prompt + output, ``l / p`` if ``l > 0`` else ``l * p``),
    then frequency and presence (OpenAI: over the output, ``l -= f * count + p * (count > 0)``).
 
-A further processor (guided decoding's token mask) is one more entry in ``PIPELINE``. Temperature, top-k,
-top-p and min-p are not processors: they shape the draw in ``sampler.sample``.
+4. ``mask_grammar``: structured output's token mask (``guided.mask_rows``: tokens outside the row's grammar
+   at -inf), LAST, so no processor above can lift a token the grammar forbids.
 
-The hot path: a row that asks for none of these has ``params.processed`` False, and when no row in the step
-has it the pipeline is skipped entirely (no copy, no per-row work).
+Temperature, top-k, top-p and min-p are not processors: they shape the draw in ``sampler.sample`` (none of
+them can raise a -inf logit).
+
+The hot path: a row that asks for none of these has ``params.processed`` False and no ``guide``, and when no
+row in the step asks the pipeline is skipped entirely (no copy, no per-row work).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Protocol
 
 import torch
 
+from server.engine.guided import Guide, mask_rows
 from server.engine.tokens import TokenState
 
 
@@ -52,6 +56,7 @@ class Row(Protocol):
     params: object  # sampler.SamplingParams
     tokens: TokenState
     proc: ProcessorState
+    guide: Guide | None
 
     @property
     def num_generated(self) -> int: ...
@@ -120,14 +125,20 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[Row], ctx: StepContext)
     logits[at] = sub
 
 
+def mask_grammar(logits: torch.Tensor, rows: Sequence[Row], ctx: StepContext) -> None:
+    guides = [r.guide for r in rows]
+    if any(g is not None for g in guides):
+        mask_rows(logits, guides)
+
+
 Processor = Callable[[torch.Tensor, Sequence[Row], StepContext], None]
-PIPELINE: list[Processor] = [hold_stop_tokens, apply_logit_bias, apply_penalties]
+PIPELINE: list[Processor] = [hold_stop_tokens, apply_logit_bias, apply_penalties, mask_grammar]
 
 
 def process(logits: torch.Tensor, rows: Sequence[Row], eos_ids: torch.Tensor) -> torch.Tensor:
     """logits [B, V] -> the processed logits (a copy; the input is untouched). Returns the input itself
     when no row asks for a processor."""
-    if not any(r.params.processed for r in rows):  # type: ignore[attr-defined]
+    if not any(r.params.processed or r.guide is not None for r in rows):  # type: ignore[attr-defined]
         return logits
     out = logits.clone()
     ctx = StepContext(eos_ids)

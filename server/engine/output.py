@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from server.engine.guided import Guide
 from server.engine.sampler import SamplingParams
 from server.engine.tokens import TokenState
 
@@ -61,6 +62,7 @@ class OutputState:
     tokenizer: object
     tokens: TokenState
     eos_ids: frozenset[int]
+    guide: Guide | None = None  # structured output: the request ends where its grammar is complete
     text: str = ""
     emitted: int = 0  # characters of ``text`` already returned
     detok: Detokenizer = field(init=False)
@@ -86,6 +88,8 @@ class OutputState:
                 self.text = self.text[:cut]
                 self.emitted = len(self.text)
                 return delta, "stop"
+        if self.guide is not None and self.guide.complete:
+            return self._flush(), "stop"
         if n >= p.max_tokens:
             return self._flush(), "length"
         end = len(self.text) - self._held_back()

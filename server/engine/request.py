@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from server.common.errors import ContextLengthExceeded, DeadlineExceeded, InvalidParameter, ServingError
 from server.common.metrics import Metrics
+from server.engine.guided import GuideSpec
 from server.engine.logprobs import TokenLogprobs
 from server.engine.output import OutputState
 from server.engine.sampler import RowSampling, SamplingParams
@@ -47,6 +48,7 @@ class GenerateParams:
     min_p: float = 0.0
     logprobs: int | None = None  # see server.engine.logprobs
     prompt_logprobs: int | None = None
+    guide: GuideSpec | None = None  # structured output (compile it first with engine.guides.compile, off-loop)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -66,6 +68,8 @@ class GenerateParams:
         problems = sp.validate(vocab_size)
         if not self.prompt_ids:
             problems.append("prompt is empty")
+        if self.guide is not None:
+            problems += self.guide.conflicts(self.min_tokens, self.ignore_eos)
         if problems:
             raise InvalidParameter("; ".join(problems), param="prompt" if not self.prompt_ids else None)
         total = len(self.prompt_ids) + self.max_tokens

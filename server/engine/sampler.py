@@ -4,11 +4,14 @@
 
 1. logprobs: for the rows that asked, the raw logits' log-softmax is kept (``logprobs``: before any
    processor, as vLLM's default);
-2. logits processors (``logits.process``: min_tokens hold, logit_bias, penalties; skipped when no row
-   asks for one);
+2. logits processors (``logits.process``: min_tokens hold, logit_bias, penalties, then the grammar mask of
+   structured-output rows; skipped when no row asks for one);
 3. the pick: greedy rows take the argmax; sampled rows apply temperature, min-p, top-k and top-p on one
    sort and draw by inverse CDF with a uniform number from the request's own ``torch.Generator`` (so a
-   seeded request gives the same tokens whatever else is in the batch).
+   seeded request gives the same tokens whatever else is in the batch);
+4. structured output: each guided row's token is checked against the mask it was drawn under, then fed to
+   its grammar matcher (``guided.advance_rows``), as the very last thing, so a failure anywhere before
+   changes no matcher (``isolation.sample_isolating`` may rerun the rows one by one).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from functools import cached_property
 
 import torch
 
+from server.engine.guided import Guide, advance_rows
 from server.engine.logits import ProcessorState, process
 from server.engine.logprobs import MAX_LOGPROBS, TokenLogprobs, token_logprobs
 from server.engine.tokens import TokenState
@@ -105,6 +109,7 @@ class RowSampling:
     generator: torch.Generator
     tokens: TokenState = field(default_factory=TokenState)
     proc: ProcessorState = field(default_factory=ProcessorState)
+    guide: Guide | None = None  # structured output: the request's grammar matcher (engine.guided)
 
     @property
     def num_generated(self) -> int:
@@ -157,12 +162,15 @@ def sample_step(logits: torch.Tensor, rows: list[RowSampling], eos_ids: torch.Te
         target = (u * cum[:, -1])[:, None].contiguous()
         pick = torch.searchsorted(cum, target).clamp_max(V - 1)  # [S, 1]
         out[idx] = order.gather(1, pick)[:, 0]
+    tokens = out.tolist()
+    lps: list[TokenLogprobs | None] | None = None
     wants = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    if not wants:
-        return out.tolist(), None
-    at = torch.tensor(wants, device=dev)
-    found = token_logprobs(raw[at], out[at], [rows[i].params.logprobs or 0 for i in wants])
-    lps: list[TokenLogprobs | None] = [None] * B
-    for i, lp in zip(wants, found, strict=True):
-        lps[i] = lp
-    return out.tolist(), lps
+    if wants:
+        at = torch.tensor(wants, device=dev)
+        found = token_logprobs(raw[at], out[at], [rows[i].params.logprobs or 0 for i in wants])
+        lps = [None] * B
+        for i, lp in zip(wants, found, strict=True):
+            lps[i] = lp
+    if any(r.guide is not None for r in rows):  # last: a failure before it leaves every matcher as it was
+        advance_rows([r.guide for r in rows], tokens)
+    return tokens, lps
