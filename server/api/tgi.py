@@ -160,9 +160,11 @@ class _Run:
             self.prefill = [{"id": i, "text": t, "logprob": e.logprob if e is not None else None}
                             for i, t, e in zip(self.prompt_ids, texts, ev.prompt_logprobs, strict=True)]
         out = []
-        for k, (tid, lp) in enumerate(zip(ev.token_ids, ev.logprobs or [], strict=True)):
+        lps = ev.logprobs or [None] * len(ev.token_ids)  # none asked: /generate without details
+        for k, (tid, lp) in enumerate(zip(ev.token_ids, lps, strict=True)):
             text = ev.text_delta if k == len(ev.token_ids) - 1 else ""
-            out.append({"id": tid, "text": text, "logprob": lp.logprob, "special": tid in self.specials})
+            out.append({"id": tid, "text": text, "logprob": lp.logprob if lp is not None else None,
+                        "special": tid in self.specials})
         self.tokens += out
         return out
 
@@ -197,7 +199,8 @@ async def _start(request: Request, principal: Principal, streams: bool | None = 
     if streams is False and body.stream:
         raise InvalidParameter("stream: use POST /generate_stream (or POST / with stream)", param="stream")
     p = body.parameters
-    if p.decoder_input_details and (streams or (streams is None and body.stream)):
+    streaming = bool(streams or (streams is None and body.stream))
+    if p.decoder_input_details and streaming:
         raise InvalidParameter("parameters.decoder_input_details: not available when streaming (as TGI)",
                                param="parameters.decoder_input_details")
     rt = state.require()
@@ -213,7 +216,8 @@ async def _start(request: Request, principal: Principal, streams: bool | None = 
         max_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         temperature=(p.temperature or 1.0) if p.sampling else 0.0, top_p=p.top_p or 1.0, top_k=p.top_k or 0,
         seed=p.seed, stop=p.stop, ignore_eos=p.ignore_eos_token, request_id=request.state.request_id,
-        deadline=deadline, guide=guide, logprobs=0, prompt_logprobs=0 if p.decoder_input_details else None)
+        deadline=deadline, guide=guide, logprobs=0 if p.details or streaming else None,  # stream tokens carry theirs
+        prompt_logprobs=0 if p.decoder_input_details else None)
     readers, firsts = await EventReader.open(engine, [params], request, deadline)
     specials = frozenset(int(i) for i in rt.tokenizer.all_special_ids)
     return _Run(body, readers[0], firsts[0], eos_ids(rt.base), specials, rt.tokenizer, ids)
