@@ -112,16 +112,20 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[Row], ctx: StepContext)
     if not idx:
         return
     stats = [penalty_stats(rows[i], logits.device, logits.shape[1]) for i in idx]
-    counts = torch.stack([c for c, _ in stats])  # [P, V]
-    seen = torch.stack([s for _, s in stats])  # [P, V]
     dev = logits.device
-    rep = torch.tensor([rows[i].params.repetition_penalty for i in idx], device=dev)[:, None]  # [P, 1]
-    freq = torch.tensor([rows[i].params.frequency_penalty for i in idx], device=dev)[:, None]
-    pres = torch.tensor([rows[i].params.presence_penalty for i in idx], device=dev)[:, None]
+    reps = [rows[i].params.repetition_penalty for i in idx]  # type: ignore[attr-defined]
+    freqs = [rows[i].params.frequency_penalty for i in idx]  # type: ignore[attr-defined]
+    pres = [rows[i].params.presence_penalty for i in idx]  # type: ignore[attr-defined]
     at = torch.tensor(idx, device=dev)
     sub = logits[at]  # [P, V]
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+    if any(r != 1 for r in reps):
+        seen = torch.stack([s for _, s in stats])  # [P, V]
+        rep = torch.tensor(reps, device=dev)[:, None]  # [P, 1]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    if any(freqs) or any(pres):
+        counts = torch.stack([c for c, _ in stats])  # [P, V]
+        sub = sub - torch.tensor(freqs, device=dev)[:, None] * counts
+        sub = sub - torch.tensor(pres, device=dev)[:, None] * (counts > 0).to(sub.dtype)
     logits[at] = sub
 
 

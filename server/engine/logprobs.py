@@ -33,15 +33,16 @@ class TokenLogprobs:
 def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, ks: list[int]) -> list[TokenLogprobs]:
     """logits [N, V] (raw, fp32), chosen [N] -> per row its ``TokenLogprobs`` with ``ks[i]`` alternatives.
 
-    One log-softmax, one gather and one top-k for the whole batch, then a single device->host copy: the
-    chosen token's value and its top-k entry come from the same tensor, so a greedy pick's logprob equals
-    its top-1 value exactly."""
-    lp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
-    picked = lp.gather(1, chosen.to(lp.device).long()[:, None])[:, 0]  # [N]
-    kmax = min(max(ks, default=0), lp.shape[1])
+    One logsumexp, one gather and one top-k for the whole batch, then the device->host copies: the chosen
+    token's value and its top-k entry are the same fp32 operation (``logit - lse``), so a greedy pick's
+    logprob equals its top-1 value exactly."""
+    logits = logits.float()
+    lse = logits.logsumexp(dim=-1, keepdim=True)  # [N, 1]: log-softmax = logits - lse, never materialised [N, V]
+    picked = (logits.gather(1, chosen.to(logits.device).long()[:, None]) - lse)[:, 0]  # [N]
+    kmax = min(max(ks, default=0), logits.shape[1])
     if kmax > 0:
-        top_v, top_i = lp.topk(kmax, dim=-1)  # [N, kmax]
-        top_v, top_i = top_v.tolist(), top_i.tolist()
+        top_v, top_i = logits.topk(kmax, dim=-1)  # [N, kmax]
+        top_v, top_i = (top_v - lse).tolist(), top_i.tolist()
     picked_l, chosen_l = picked.tolist(), chosen.tolist()
     out = []
     for i, k in enumerate(ks):
