@@ -1,5 +1,5 @@
 """What requests without grammar or logprobs pay per step for those features: the sampler and the logprob
-scan of this tree against the sampler of another tree (``--old DIR``, e.g. an exported older commit), in
+scan (both inside ``sampler.sample``) of this tree against the sampler of another tree (``--old DIR``, e.g. an exported older commit), in
 one process, alternating, best of --rounds. A batch of --rows free rows (half greedy, half sampled) over a
 --vocab vocabulary.
 
@@ -20,7 +20,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.engine import sampler  # noqa: E402
-from server.engine.token_logprobs import record  # noqa: E402
 
 
 def load_old(root: str):
@@ -47,10 +46,6 @@ def main() -> None:
         return [mod.RowSampling(mod.SamplingParams(temperature=0.0 if i % 2 else 0.8, top_p=0.9),
                                 torch.Generator().manual_seed(i)) for i in range(args.rows)]
 
-    class Req:
-        logprobs = None
-
-    reqs = [Req() for _ in range(args.rows)]
     new_rows, old_rows = rows(sampler), rows(old)
     best = {"old": float("inf"), "new": float("inf")}
     for _ in range(args.rounds):
@@ -58,8 +53,7 @@ def main() -> None:
         old.sample(logits, old_rows, eos)
         best["old"] = min(best["old"], time.perf_counter() - t)
         t = time.perf_counter()
-        toks = sampler.sample(logits, new_rows, eos)
-        record(logits, reqs, toks)
+        sampler.sample(logits, new_rows, eos)  # the processors' and guides' checks and the logprob scan inside
         best["new"] = min(best["new"], time.perf_counter() - t)
     print(f"{args.rows} free rows, vocab {args.vocab}: old sample {best['old'] * 1e3:.3f} ms, "
           f"new sample + logprob scan {best['new'] * 1e3:.3f} ms, new/old {best['new'] / best['old']:.3f}")
