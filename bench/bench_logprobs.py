@@ -8,18 +8,24 @@
    the cases alternating round by round; the median over rounds of each case's ratio to the plain run of
    its round (the machine is shared: a ratio within a round is steadier than absolute rates).
 
-    PYTHONPATH=. .venv/bin/python bench/bench_logprobs.py
+    PYTHONPATH=. .venv/bin/python bench/bench_logprobs.py [--before DIR]
+
+``--before DIR`` (a checkout of the tree before this change, e.g. ``git archive 8115647 | tar -x -C DIR``)
+runs instead the hot path's A/B: the sampler of DIR and of this tree on the same plain greedy rows, interleaved
+(the only per-step code a request without options runs that this change touched).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
+import sys
 import time
 
 import torch
 from bench_ab_engine import Store, base_model
 
-from server.engine import Engine, EngineConfig, GenerateParams
+from server.engine import Engine, EngineConfig, GenerateParams, sampler
 from server.engine.sampler import RowSampling, sample_step
 from server.engine.tokens import TokenState
 
@@ -92,8 +98,37 @@ def engine_table(rounds: int = 5) -> None:
         print(f"| {name} | {r:.2f} | {1e6 * (1 / (r * plain) - 1 / plain):+.0f} |")
 
 
+def hot_path_ab(before: str, vocab: int = 49152, rows: int = 32, reps: int = 300) -> None:
+    """Plain greedy rows through the sampler before and after, interleaved: median µs per step."""
+    spec = importlib.util.spec_from_file_location("sampler_before", f"{before}/server/engine/sampler.py")
+    old = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["sampler_before"] = old  # its dataclasses look their module up
+    spec.loader.exec_module(old)  # type: ignore[union-attr]
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0))
+    eos = torch.tensor([0])
+
+    def make(mod):
+        return [mod.RowSampling(mod.SamplingParams(max_tokens=64, temperature=0.0), torch.Generator(),
+                                TokenState(list(range(1, 17)))) for _ in range(rows)]
+
+    cases = {"before": (old.sample, make(old)), "after": (sample_step, make(sampler))}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for i in range(reps):
+        for name in (("before", "after") if i % 2 else ("after", "before")):  # the first of a pair pays more
+            fn, rs = cases[name]
+            start = time.perf_counter()
+            fn(logits, rs, eos)
+            times[name].append(time.perf_counter() - start)
+    b, a = statistics.median(times["before"]), statistics.median(times["after"])
+    print(f"\nhot path, plain greedy, {rows} rows x vocab {vocab} (median of {reps} steps): before {1e6 * b:.0f} µs, "
+          f"after {1e6 * a:.0f} µs per step (after / before {a / b:.3f})")
+
+
 def main() -> None:
     torch.set_num_threads(1)
+    if "--before" in sys.argv:
+        hot_path_ab(sys.argv[sys.argv.index("--before") + 1])
+        return
     sampler_table(49152)
     sampler_table(8000)
     engine_table()
