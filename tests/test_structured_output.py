@@ -298,3 +298,21 @@ def test_constraint_with_n_logprobs_penalties_and_logit_bias(tiny_llama, srv, st
     for i in range(6):
         assert holds("choice", texts[i]) and reasons[i] == "stop", (i, texts[i], reasons[i])
         assert lps[i] and all(v <= 0 for v in lps[i]), lps[i]
+
+
+@pytest.mark.slow
+def test_smollm2_answers_a_json_schema_with_its_49k_vocabulary(tmp_path):
+    """The real model and tokenizer: a chat answer that parses and follows the schema, and a choice."""
+    with app_client("smollm2", tmp_path / "store", engine_opts={"max_model_len": 512}) as (client, _):
+        oc = openai.OpenAI(base_url="http://testserver/v1", api_key="k", http_client=client, max_retries=0)
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                   "country": {"type": "string", "maxLength": 40}},
+                  "required": ["city", "country"], "additionalProperties": False}
+        r = oc.chat.completions.create(model="smollm2", max_tokens=40, temperature=0, messages=[
+            {"role": "user", "content": "Name the capital of France as JSON with city and country."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}})
+        obj = json.loads(r.choices[0].message.content)
+        assert set(obj) == {"city", "country"} and r.choices[0].finish_reason == "stop"
+        c = oc.completions.create(model="smollm2", prompt="Is Paris in France? Answer:", max_tokens=5,
+                                  temperature=0, extra_body={"guided_choice": [" yes", " no"]})
+        assert c.choices[0].text in (" yes", " no")
