@@ -87,6 +87,16 @@ class Reply:
 ENVELOPE = {"message", "type", "param", "code"}
 
 
+TGI_ROUTES = frozenset({"/generate", "/generate_stream", "/"})  # answer errors in LoRAX's shape (its clients parse it)
+
+
+def lorax_envelope_problem(payload) -> str | None:
+    if (isinstance(payload, dict) and set(payload) == {"error", "error_type"} and isinstance(payload["error"], str)
+            and payload["error"] and isinstance(payload["error_type"], str)):
+        return None
+    return "not LoRAX's {'error': str, 'error_type': str}"
+
+
 def envelope_problem(payload) -> str | None:
     if not isinstance(payload, dict) or set(payload) != {"error"} or not isinstance(payload["error"], dict):
         return "not {'error': {...}}"
@@ -150,7 +160,10 @@ def check(req: fz.Req, reply: Reply) -> None:
             payload = json.loads(reply.body)
         except ValueError:
             payload = None
-        if (problem := envelope_problem(payload)) is not None:
+        problem = envelope_problem(payload)
+        if problem is not None and req.method == "POST" and req.path in TGI_ROUTES:  # auth refusals: OpenAI's
+            problem = lorax_envelope_problem(payload) and problem
+        if problem is not None:
             raise BadEnvelope(f"{problem}: {where}")
         if reply.status == 429 and "retry-after" not in reply.headers:
             raise BadEnvelope(f"429 without Retry-After: {where}")
