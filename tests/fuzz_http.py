@@ -32,7 +32,7 @@ GENERATE_IDS = [BASE] + [i for i, (task, _) in ADAPTERS.items() if task == "gene
 CLASSIFY_IDS = [i for i, (task, _) in ADAPTERS.items() if task == "classify"]
 UPLOAD_PREFIX = "fuzzup-"  # the only ids the fuzzer's uploads may create (and delete)
 UPLOAD_POOL = [f"{UPLOAD_PREFIX}{i}" for i in range(4)]
-UNKNOWN_FIELDS = ["logit_bias", "tools", "response_format", "suffix", "guided_json", "foo", "Model",
+UNKNOWN_FIELDS = ["tools", "guided_grammar", "suffix", "guided_decoding_backend", "foo", "Model",
                   "__proto__", "model ", "\ud800", "", "x" * 300]
 
 INFERENCE = frozenset({200, 400, 401, 404, 413, 429})  # invalid parameters are 400 (DESIGN section 4)
@@ -161,27 +161,48 @@ def json_object(fields: dict, required: tuple):
     return draw_object()
 
 
-SAMPLING = {  # name -> (valid, hostile)
+token_id_strs = st.integers(0, VOCAB - 1).map(str)
+bad_bias = st.one_of(
+    st.dictionaries(st.sampled_from(["-1", str(VOCAB), "1.5", "x", "", " 1", "01", "1" * 30, "\ud800", "\uff11"]),
+                    st.floats(-100, 100), min_size=1, max_size=3),
+    st.dictionaries(token_id_strs, bad_float, min_size=1, max_size=3),
+    st.integers(1025, 1200).map(lambda n: {str(i % VOCAB) + "0" * (i // VOCAB): 1.0 for i in range(n)}),
+    hostile)
+SAMPLING = {  # name -> (valid, hostile), the fields both routes take
     "max_tokens": (st.integers(1, 4), bad_int), "top_k": (st.integers(-1, 300), bad_int),
     "temperature": (st.sampled_from([0, 0.0, 0.7, 1, 2]) | st.floats(0, 5), bad_float),
     "top_p": (st.floats(5e-324, 1.0) | st.just(1), bad_float), "min_tokens": (st.integers(0, 2), bad_int),
-    "seed": (st.integers(-(2**63), 2**63 - 1), bad_int), "n": (st.just(1), bad_int),
+    "seed": (st.integers(-(2**63), 2**63 - 1), bad_int), "n": (st.sampled_from([1, 1, 2, 3]), bad_int),
     "stop": (st.none() | plain_text | st.lists(plain_text, max_size=4),
              bad_text | st.lists(bad_text, max_size=40)),
     "ignore_eos": (st.booleans(), hostile), "user": (plain_text, bad_text),
     "stream": (st.booleans(), hostile),
     "stream_options": (st.fixed_dictionaries({"include_usage": st.booleans()}), hostile),
-    "logprobs": (st.sampled_from([None, False, 0]), hostile), "echo": (st.just(False), hostile),
-    "best_of": (st.sampled_from([None, 1]), bad_int), "top_logprobs": (st.sampled_from([None, 0]), bad_int),
-    "frequency_penalty": (st.sampled_from([0, 0.0]), bad_float),
-    "presence_penalty": (st.sampled_from([0, None]), bad_float)}
+    "frequency_penalty": (st.sampled_from([0, 0.0, None]) | st.floats(-2, 2), bad_float),
+    "presence_penalty": (st.sampled_from([0, None]) | st.floats(-2, 2), bad_float),
+    "repetition_penalty": (st.none() | st.floats(0.01, 10), bad_float),
+    "logit_bias": (st.none() | st.dictionaries(token_id_strs, st.floats(-100, 100), max_size=5), bad_bias),
+    "stop_token_ids": (st.none() | st.lists(st.integers(0, VOCAB - 1), max_size=4),
+                       st.lists(bad_int, min_size=1, max_size=4) | st.lists(st.just(1), min_size=65, max_size=70)
+                       | hostile),
+    "min_p": (st.none() | st.floats(0, 1), bad_float),
+    "include_stop_str_in_output": (st.booleans(), hostile),
+    "return_tokens_as_token_ids": (st.booleans(), hostile)}
+COMPLETION_ONLY = {
+    "max_tokens": (st.integers(0, 4), bad_int), "logprobs": (st.sampled_from([None, False, 0, 1, 5, 20]), bad_int),
+    "echo": (st.booleans(), hostile), "best_of": (st.sampled_from([None, 1, 2, 3]), bad_int)}
+CHAT_ONLY = {
+    "logprobs": (st.sampled_from([None, False, True]), hostile), "top_logprobs": (st.sampled_from([None, 0, 2, 20]), bad_int),
+    "echo": (st.just(False), hostile), "max_completion_tokens": (st.integers(1, 4), bad_int)}
 ROLES = ["system", "developer", "user", "assistant", "tool"]
 token_ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8)
 bad_token_ids = st.lists(st.sampled_from([-1, VOCAB, 2**31, 2**63, 2**64, 10**20, True, 1.5]) | st.integers(),
                          min_size=1, max_size=4)
-prompts = (plain_text | st.lists(plain_text, min_size=1, max_size=1) | token_ids, st.one_of(
-    bad_text, bad_text, st.lists(bad_text, min_size=1, max_size=1), bad_token_ids, st.just([]), st.just([""]),
-    st.lists(plain_text, min_size=2, max_size=3),
+prompts = (plain_text | st.lists(plain_text, min_size=1, max_size=3) | token_ids
+           | st.lists(token_ids, min_size=1, max_size=3), st.one_of(
+    bad_text, bad_text, st.lists(bad_text, min_size=1, max_size=3), bad_token_ids, st.just([]), st.just([""]),
+    st.lists(bad_token_ids, min_size=1, max_size=3), st.just([[]]), st.just([[1], []]), st.just([[1], "x"]),
+    st.lists(plain_text, min_size=257, max_size=300),
     st.lists(st.integers(0, VOCAB - 1), min_size=300, max_size=600)))
 content = plain_text | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": plain_text}),
                                 min_size=1, max_size=2)
@@ -272,15 +293,14 @@ def json_request(path: str, route: str, expect: str, obj, keys: list[str]):
 
 
 def completions():
-    fields = {"model": model_ids(GENERATE_IDS, CLASSIFY_IDS), "prompt": prompts, **SAMPLING}
+    fields = {"model": model_ids(GENERATE_IDS, CLASSIFY_IDS), "prompt": prompts, **SAMPLING, **COMPLETION_ONLY}
     body = json_object(fields, ("model", "prompt"))
     return json_request("/v1/completions", "completions", "text_completion", body, ALL_KEYS)
 
 
 def chat_completions():
     # max_tokens is required here: by default chat fills the context (~240 tokens, ~0.6 s on tiny-llama)
-    fields = {"model": model_ids(GENERATE_IDS, CLASSIFY_IDS), "messages": messages, **SAMPLING,
-              "max_completion_tokens": (st.integers(1, 4), bad_int)}
+    fields = {"model": model_ids(GENERATE_IDS, CLASSIFY_IDS), "messages": messages, **SAMPLING, **CHAT_ONLY}
     body = json_object(fields, ("model", "messages", "max_tokens"))
     return json_request("/v1/chat/completions", "completions", "chat.completion", body, ALL_KEYS)
 

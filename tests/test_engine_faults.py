@@ -70,14 +70,14 @@ def test_a_forward_fault_fails_only_its_request(engine, tiny_llama):
 
 def test_a_sampling_fault_fails_only_its_request(engine, tiny_llama, monkeypatch):
     eng = engine()
-    real = isolation.sample
+    real = isolation.sample_step
 
-    def sample(logits, rows, eos_ids):
+    def sample_step(logits, rows, eos_ids):
         if any(r.tokens.ids[0] == VICTIM for r in rows):
             raise OverflowError("top_k out of range for this row")
         return real(logits, rows, eos_ids)
 
-    monkeypatch.setattr(isolation, "sample", sample)
+    monkeypatch.setattr(isolation, "sample_step", sample_step)
     innocent, results, victim = run_batch(eng, [VICTIM, 7, 8])
     check_only_the_victim_failed(eng, tiny_llama, innocent, results, victim, "sampling")
 

@@ -87,6 +87,16 @@ class Reply:
 ENVELOPE = {"message", "type", "param", "code"}
 
 
+TGI_ROUTES = frozenset({"/generate", "/generate_stream", "/"})  # answer errors in LoRAX's shape (its clients parse it)
+
+
+def lorax_envelope_problem(payload) -> str | None:
+    if (isinstance(payload, dict) and set(payload) == {"error", "error_type"} and isinstance(payload["error"], str)
+            and payload["error"] and isinstance(payload["error_type"], str)):
+        return None
+    return "not LoRAX's {'error': str, 'error_type': str}"
+
+
 def envelope_problem(payload) -> str | None:
     if not isinstance(payload, dict) or set(payload) != {"error"} or not isinstance(payload["error"], dict):
         return "not {'error': {...}}"
@@ -120,14 +130,16 @@ def check_stream(body: bytes, where: str) -> None:
             raise BrokenStream(f"SSE event {text[:200]!r} is not a JSON object: {where}")
         if "error" in event:
             errors.append(event)
-        finishes += [c["finish_reason"] for c in event.get("choices", []) if c.get("finish_reason")]
+        finishes += [(c.get("index"), c["finish_reason"]) for c in event.get("choices", []) if c.get("finish_reason")]
     for event in errors:
         if (problem := envelope_problem(event)) is not None:
             raise BadEnvelope(f"SSE error event: {problem}: {where}")
         if event["error"]["type"] == "server_error":
             raise ServerError(f"an SSE error event of the server's own: {where}")
-    if not errors and (len(finishes) != 1 or finishes[0] not in ("stop", "length")):
-        raise BrokenStream(f"finish_reasons {finishes}, not one of stop or length: {where}")
+    if not errors and (not finishes or any(f not in ("stop", "length") for _, f in finishes)):
+        raise BrokenStream(f"finish_reasons {finishes}, not each one of stop or length: {where}")
+    if not errors and sorted(i for i, _ in finishes) != list(range(len(finishes))):
+        raise BrokenStream(f"choices {[i for i, _ in finishes]} do not each finish once, numbered 0, 1, ...: {where}")
 
 
 def check(req: fz.Req, reply: Reply) -> None:
@@ -148,7 +160,10 @@ def check(req: fz.Req, reply: Reply) -> None:
             payload = json.loads(reply.body)
         except ValueError:
             payload = None
-        if (problem := envelope_problem(payload)) is not None:
+        problem = envelope_problem(payload)
+        if problem is not None and req.method == "POST" and req.path in TGI_ROUTES:  # auth refusals: OpenAI's
+            problem = lorax_envelope_problem(payload) and problem
+        if problem is not None:
             raise BadEnvelope(f"{problem}: {where}")
         if reply.status == 429 and "retry-after" not in reply.headers:
             raise BadEnvelope(f"429 without Retry-After: {where}")
@@ -162,9 +177,11 @@ def check(req: fz.Req, reply: Reply) -> None:
             raise BadAnswer(f"the 2xx body is not JSON: {where}") from None
         if not isinstance(payload, dict) or payload.get("object") != req.expect:
             raise BadAnswer(f"the 2xx body is not an {req.expect!r} object: {where}")
-        choices = payload.get("choices", [{"finish_reason": "stop"}])
-        if len(choices) != 1 or choices[0].get("finish_reason") not in ("stop", "length"):
-            raise BadAnswer(f"not one choice finished by stop or length: {where}")
+        choices = payload.get("choices", [{"index": 0, "finish_reason": "stop"}])
+        if not choices or any(c.get("finish_reason") not in ("stop", "length") for c in choices):
+            raise BadAnswer(f"not every choice finished by stop or length: {where}")
+        if [c.get("index") for c in choices] != list(range(len(choices))):
+            raise BadAnswer(f"choice indices are not 0, 1, ... in order: {where}")
     if req.refuse:
         raise NotRefused(f"answered, not refused ({'; '.join(req.refuse)}): {where}")
 

@@ -145,7 +145,8 @@ def test_unknown_adapter_is_404_never_the_base(srv):  # row 12
     ({"prompt": "x"}, "model"),
     ({"model": "gen", "prompt": "x", "max_tokens": "many"}, "max_tokens"),
     ({"model": "gen", "prompt": [1, 100000]}, "prompt"),
-    ({"model": "gen", "prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"model": "gen", "prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"model": "gen", "prompt": ["x", ""]}, "prompt"),
 ])
 def test_malformed_requests_are_400_in_the_envelope(srv, body, param):  # row 14
     client, _ = srv
@@ -164,7 +165,7 @@ def test_malformed_json_is_400(srv):
 
 
 @pytest.mark.parametrize("field, value", [("max_tokens", 0), ("max_tokens", -3), ("temperature", -0.1),
-                                          ("top_p", 0), ("top_p", 1.5), ("n", 2), ("top_k", -2), ("min_tokens", -1)])
+                                          ("top_p", 0), ("top_p", 1.5), ("n", 17), ("top_k", -2), ("min_tokens", -1)])
 def test_out_of_range_sampling_is_400_naming_the_field(srv, field, value):  # row 16
     client, _ = srv
     assert envelope(complete(client, model="gen", prompt="x", **{field: value}), 400)["param"] == field

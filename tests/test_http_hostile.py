@@ -122,8 +122,9 @@ def test_invalid_unicode_and_nul_are_400_in_every_text_field(srv, text):
 
 
 @pytest.mark.parametrize("route, body, field", [
-    ("/v1/completions", {"model": "gen", "prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
-    ("/v1/completions", {"model": "gen", "prompt": "x", "logit_bias": {"5": 100}}, "logit_bias"),
+    ("/v1/completions", {"model": "gen", "prompt": "x", "guided_grammar": "start: \"a\""}, "guided_grammar"),
+    ("/v1/completions", {"model": "gen", "prompt": "x", "response_format": {"type": "json_object", "x": 1}},
+     "response_format.x"),
     ("/v1/completions", {"model": "gen", "prompt": "x", "suffix": "end"}, "suffix"),
     ("/v1/chat/completions", {"model": "gen", "messages": [{"role": "user", "content": "x"}],
                               "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),

@@ -84,7 +84,7 @@ def _labels(upload: Upload) -> list[str] | None:
     return labels
 
 
-def _register(state: ServerState, adapter_id: str, upload: Upload, owner: str | None):
+def register(state: ServerState, adapter_id: str, upload: Upload, owner: str | None):
     """Threadpool: a PEFT pair converted, or the spooled compiled file itself, validated against the base in
     place and published by the store (the compiled file by rename: its bytes are never read into memory)."""
     rt = state.require()
@@ -157,7 +157,7 @@ async def upload_adapter(request: Request, principal: Principal = Depends(admin_
             adapter_id = upload.fields.get("adapter_id", "").strip()
             if not adapter_id:
                 raise InvalidParameter("adapter_id: a form field naming the adapter is required", param="adapter_id")
-            record = await run_in_threadpool(_register, state, adapter_id, upload, _owner_of(principal))
+            record = await run_in_threadpool(register, state, adapter_id, upload, _owner_of(principal))
         finally:
             upload.cleanup()
     except Exception as e:
@@ -194,17 +194,17 @@ async def delete_adapter(adapter_id: str, request: Request, owner: str | None = 
                          principal: Principal = Depends(admin_principal)):
     """Delete (admin key; `owner`: a tenant's adapter, global admins only): requests already running
     finish; new ones get 404."""
-    state = get_state(request)
-
-    def delete() -> AdapterRecord:
-        record = _lookup(state, adapter_id, principal, owner)
-        if principal.tenant is not None and record.owner != principal.tenant:
-            raise PermissionDenied(f"adapter {adapter_id!r} is public; only a global admin key deletes it")
-        rt = state.require()
-        rt.store.delete(record.id, expect=record, owner=record.owner)  # only the version checked above (else 404)
-        rt.engine.forget_adapter(record.digest)  # running requests keep their pinned version
-        return record
-
-    record = await run_in_threadpool(delete)
-    event("adapter deleted", adapter_id=record.id, owner=record.owner)
+    record = await run_in_threadpool(remove, get_state(request), adapter_id, principal, owner)
     return {"id": record.id, "object": "adapter", "deleted": True}
+
+
+def remove(state: ServerState, adapter_id: str, principal: Principal, owner: str | None = None) -> AdapterRecord:
+    """Threadpool: delete what ``adapter_id`` names for the caller (also vLLM's unload route)."""
+    record = _lookup(state, adapter_id, principal, owner)
+    if principal.tenant is not None and record.owner != principal.tenant:
+        raise PermissionDenied(f"adapter {adapter_id!r} is public; only a global admin key deletes it")
+    rt = state.require()
+    rt.store.delete(record.id, expect=record, owner=record.owner)  # only the version checked above (else 404)
+    rt.engine.forget_adapter(record.digest)  # running requests keep their pinned version
+    event("adapter deleted", adapter_id=record.id, owner=record.owner)
+    return record

@@ -12,13 +12,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import adapters, classify, completions, models, probes
+from server.api import adapters, classify, completions, models, probes, tgi, tokenize, vllm_adapters
 from server.api.middleware import EdgeMiddleware, install_error_handlers
 from server.common.config import Settings
 from server.common.metrics import Metrics
 from server.state import Runtime, ServerState, start_loading
-
-VERSION = "0.1.0"
 
 
 def create_app(settings: Settings, runtime: Runtime | None = None, metrics: Metrics | None = None,
@@ -34,11 +32,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None, metrics: Metr
         finally:
             state.close(stop_engine=runtime is None)  # an engine the app loaded is the app's to stop
 
-    app = FastAPI(title="rankserve", version=VERSION, lifespan=lifespan,
+    app = FastAPI(title="rankserve", version=tokenize.VERSION, lifespan=lifespan,
                   description="OpenAI-compatible serving of many low-rank adapters on one base model")
     app.state.rankserve = state
     install_error_handlers(app, state.metrics)
     app.add_middleware(EdgeMiddleware, state=state)
-    for module in (completions, classify, adapters, models, probes):
+    for module in (completions, classify, tgi, adapters, vllm_adapters, models, probes, tokenize):
         app.include_router(module.router)
     return app

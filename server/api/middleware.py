@@ -29,7 +29,7 @@ from server.common.logs import event, request_id_var
 from server.common.metrics import Metrics
 
 PROBES = frozenset({"/health", "/ready", "/metrics"})
-OPEN_PATHS = PROBES | {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}
+OPEN_PATHS = PROBES | {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc", "/version"}
 UPLOAD_ROUTE = ("POST", "/v1/adapters")  # streams its own body under --max-upload-bytes
 _STORE_PARAMS = {"InvalidAdapterId": "adapter_id", "AdapterExists": "adapter_id", "AdapterNotFound": "adapter_id",
                  "InvalidAdapter": "files", "AdapterTooLarge": "files", "PickleRefused": "files"}

@@ -84,6 +84,7 @@ class Settings:
     tenant_max_adapters: int = 0  # adapters one tenant may store; 0 = unlimited (public adapters never count)
     tenant_max_bytes: int = 0  # bytes of adapters one tenant may store; 0 = unlimited
     merge: bool = True  # fold the single running adapter into W0 (merge mode); --no-merge turns it off
+    adapter_root: str | None = None  # POST /v1/load_lora_adapter reads only under this directory; None = refused
     demo_adapters: bool = False
     log_level: str = "info"
 
@@ -147,6 +148,8 @@ _HELP = {
     "tenant_max_bytes": "bytes of adapters one tenant may store (507 tenant_quota_exceeded beyond it); 0 = unlimited",
     "merge": "fold the adapter into the base weights while it is the only one running (default on; "
              "--no-merge turns it off)",
+    "adapter_root": "directory under which POST /v1/load_lora_adapter (vLLM's route, admin keys) may read "
+                    "adapters from server paths; unset = the route is refused",
     "demo_adapters": "put two synthetic demo adapters into the store at start if absent",
     "log_level": "debug | info | warning | error",
 }

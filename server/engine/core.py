@@ -18,10 +18,8 @@ from collections import deque
 import torch
 
 from adapters_store.basemodels import BaseModel, keep_pristine
-from adapters_store.tenancy import resolve
 from server.common.config import EngineConfig
 from server.common.errors import (
-    ContextLengthExceeded,
     DeadlineExceeded,
     InvalidParameter,
     QueueFull,
@@ -29,12 +27,13 @@ from server.common.errors import (
     ServingError,
     TaskMismatch,
     Unavailable,
-    UnknownAdapter,
 )
 from server.common.machine import host_share_bytes
 from server.common.metrics import Metrics
 from server.engine.classify import ClassifyStep, check_rows
+from server.engine.guided import Guides
 from server.engine.isolation import forward_isolating, sample_isolating
+from server.engine.logprobs import take_prompt_logprobs
 from server.engine.output import OutputState, eos_ids
 from server.engine.request import ClassifyJob, EventSink, GenerateParams, GenRequest, RequestHandle
 from server.engine.sampler import RowSampling, make_generator
@@ -82,6 +81,7 @@ class Engine:
                                        before_run=self.merging.unmerge)
         self._eos = eos_ids(base)
         self._eos_tensor = torch.tensor(sorted(self._eos), dtype=torch.long)
+        self.guides = Guides(self.tokenizer, int(base.model.config.vocab_size), self._eos)  # structured output
         self._gen = torch.Generator().manual_seed(cfg.seed)
         self._gen_lock = threading.Lock()
         self._ids = itertools.count()
@@ -168,38 +168,42 @@ class Engine:
         self.scheduler.check_capacity()
 
     def submit_generate(self, params: GenerateParams) -> RequestHandle:
+        return self.submit_many([params])[0]
+
+    def submit_many(self, batch: list[GenerateParams]) -> list[RequestHandle]:
+        """Queue several requests (an OpenAI request's prompts x choices) all or none: every one is
+        validated, and the queue must hold them all (else 429), before any is queued."""
         self.check_capacity()
         if not self.base.is_decoder:
             raise TaskMismatch(f"base model {self.base.name!r} is an encoder: it classifies, it does not generate",
                                param="model")
-        store_key, record = self._resolve(params.adapter_id, params.owner, "generate") or (None, None)
-        sp = params.sampling()
-        problems = sp.validate()
-        if not params.prompt_ids:
-            problems.append("prompt is empty")
-        if problems:
-            raise InvalidParameter("; ".join(problems), param="prompt" if not params.prompt_ids else None)
-        total = len(params.prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
-                f"{total} ({len(params.prompt_ids)} in the prompt + {params.max_tokens} max_tokens)",
-                param="max_tokens")
+        if len(batch) > self.config.max_queue:
+            raise InvalidParameter(f"the request needs {len(batch)} sequences; this server queues at most "
+                                   f"{self.config.max_queue}", param="n")
+        reqs = [self._request(p) for p in batch]
+        self.scheduler.add_all(reqs)
+        if self.metrics is not None:
+            self.metrics.waiting.set(self.num_waiting)
+        self._wake.set()
+        return [r.handle for r in reqs]  # type: ignore[misc]
+
+    def _request(self, params: GenerateParams) -> GenRequest:
+        store_key, record = self.residency.lookup(params.adapter_id, params.owner, "generate") or (None, None)
+        sp = params.checked(int(self.base.model.config.vocab_size), self.max_model_len)
         rid = params.request_id or f"gen-{next(self._ids)}"
         now = time.monotonic()
         deadline = params.deadline if params.deadline is not None else now + self.config.request_timeout_s
         handle = RequestHandle(rid, EventSink.for_caller(), self.cancel)
         tokens = TokenState(list(params.prompt_ids))
+        guide = self.guides.start(params.guide) if params.guide is not None else None
         req = GenRequest(request_id=rid, key=record.digest if record else None, tokens=tokens,
                          max_tokens=params.max_tokens, adapter_id=params.adapter_id, arrival=now, deadline=deadline,
-                         handle=handle, out=OutputState(sp, self.tokenizer, tokens, self._eos),
-                         rows=RowSampling(sp, self._generator(sp.seed), tokens), store_key=store_key)
+                         handle=handle, out=OutputState(sp, self.tokenizer, tokens, self._eos, guide),
+                         rows=RowSampling(sp, self._generator(sp.seed), tokens, guide=guide),
+                         store_key=store_key,
+                         prompt_logprobs=None if sp.prompt_logprobs is None else [None])
         handle._req = req
-        self.scheduler.add(req)
-        if self.metrics is not None:
-            self.metrics.waiting.set(self.num_waiting)
-        self._wake.set()
-        return handle
+        return req
 
     async def classify(self, adapter_id: str, rows: list[list[int]], owner: str | None = None
                        ) -> list[tuple[str, dict[str, float]]]:
@@ -210,7 +214,7 @@ class Engine:
                             retry_after=self.scheduler.retry_after())
         if adapter_id is None:
             raise TaskMismatch("classification needs a classify adapter (it carries the head)", param="model")
-        store_key, record = self._resolve(adapter_id, owner, "classify")
+        store_key, record = self.residency.lookup(adapter_id, owner, "classify")
         check_rows(rows, self.max_model_len, int(self.base.model.config.vocab_size))
         job = ClassifyJob.create(adapter_id, record.digest, [list(r) for r in rows], self.config.request_timeout_s,
                                  store_key)
@@ -239,23 +243,6 @@ class Engine:
         """Called by RequestHandle.cancel (any thread): the engine frees it within one step."""
         self._cancels.append(req)
         self._wake.set()
-
-    def _resolve(self, adapter_id: str | None, owner: str | None, task: str):
-        """(storage key, record) for tenant ``owner``: its own, else the public one (never another tenant's)."""
-        if adapter_id is None:
-            return None
-        try:
-            store_key, record = resolve(self.store, adapter_id, owner)
-        except Exception as e:
-            if getattr(e, "http_status", None) == 404:
-                raise UnknownAdapter(f"adapter {adapter_id!r} does not exist", param="model") from None
-            raise
-        if record.task != task:
-            raise TaskMismatch(f"adapter {adapter_id!r} is a {record.task} adapter; this endpoint needs {task}",
-                               param="model")
-        self.residency.check(adapter_id, record.digest)
-        self.residency.prefetch(adapter_id, record.digest, store_key)
-        return store_key, record
 
     # ---- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -294,32 +281,37 @@ class Engine:
     def _step(self, chunks: list[tuple[Request, int]]) -> None:
         reqs: list[GenRequest] = [r for r, _ in chunks]  # type: ignore[misc]
         self.merging.before_step(r.key for r in self.scheduler.running)
-        run = [Chunk(r.seq, r.tokens.ids[r.num_computed:r.num_computed + n], r.num_computed, r.adapter_slot)
-               for r, n in chunks]
+        run = [Chunk(r.seq, r.tokens.ids[r.num_computed:r.num_computed + n], r.num_computed, r.adapter_slot,
+                     r.wants_prompt_logits) for r, n in chunks]
         logits = forward_isolating(self.runner.forward, run)  # type: ignore[union-attr]
         m = self.metrics
         if m is not None:
             m.batch_size.observe(len(chunks))
             m.batch_distinct_adapters.observe(len({r.key for r in reqs if r.key is not None}))
         ready: list[tuple[GenRequest, torch.Tensor]] = []
-        for (r, n), lg in zip(chunks, logits, strict=True):
+        for (r, n), c, lg in zip(chunks, run, logits, strict=True):
+            num_prompt = r.tokens.num_prompt
+            if c.all_logits and not isinstance(lg, Exception):  # prompt logprobs, then the last position's logits
+                lg = take_prompt_logprobs(r.prompt_logprobs, r.tokens.ids, num_prompt, c.start, lg,  # type: ignore[attr-defined]
+                                          r.rows.params.prompt_logprobs)  # type: ignore[attr-defined]
             if isinstance(lg, Exception):
                 self._fail_alone(r, "forward", lg)  # type: ignore[arg-type]
                 continue
-            num_prompt = r.tokens.num_prompt
             if r.num_computed < num_prompt and m is not None and not r.preemptions:
                 if r.num_computed == 0 and r.scheduled_at is not None:
                     m.queue_time.observe(r.scheduled_at - r.arrival)
                 m.prompt_tokens.inc(min(n, num_prompt - r.num_computed))
             r.num_computed += n
-            if r.num_computed == r.num_tokens:
+            if r.num_computed == r.num_tokens and r.max_tokens == 0:  # scoring only: prompt logprobs, no token
+                self._finish(r, "length", None)  # type: ignore[arg-type]
+            elif r.num_computed == r.num_tokens:
                 ready.append((r, lg))  # type: ignore[arg-type]
         if not ready:
             return
-        tokens = sample_isolating(torch.stack([lg for _, lg in ready]), [r.rows for r, _ in ready],
-                                  self._eos_tensor)
+        tokens, lps = sample_isolating(torch.stack([lg for _, lg in ready]), [r.rows for r, _ in ready],
+                                       self._eos_tensor)
         now = time.monotonic()
-        for (r, _), tok in zip(ready, tokens, strict=True):
+        for i, ((r, _), tok) in enumerate(zip(ready, tokens, strict=True)):
             if isinstance(tok, Exception):
                 self._fail_alone(r, "sampling", tok)
                 continue
@@ -329,10 +321,11 @@ class Engine:
                 self._fail_alone(r, "detokenisation", e)
                 continue
             r.observe_token(now, m)
+            lp = [lps[i]] if lps is not None and lps[i] is not None else None
             if reason is not None:
-                self._finish(r, reason, None, delta, [tok])
+                self._finish(r, reason, None, delta, [tok], lp)
             else:
-                r.handle.push(r.event(delta, [tok]))
+                r.handle.push(r.event(delta, [tok], logprobs=lp))
 
     def _fail_alone(self, req: GenRequest, stage: str, err: Exception) -> None:
         """A fault in this request's own work: it fails, everything else goes on (RELIABILITY row 36)."""
@@ -356,7 +349,7 @@ class Engine:
         self.classifier.reap(now)
 
     def _finish(self, req: GenRequest, reason: str, error: ServingError | None, delta: str = "",
-                token_ids: list[int] | None = None) -> None:
+                token_ids: list[int] | None = None, logprobs: list | None = None) -> None:
         """The one exit of a request: resources released (try/finally), then its last event."""
         if req.done:
             return
@@ -371,7 +364,7 @@ class Engine:
                     m.cancelled.inc()
                 m.request_prompt_tokens.observe(req.tokens.num_prompt)
                 m.request_generation_tokens.observe(req.tokens.num_generated)
-            req.handle.push(req.event(delta, token_ids, reason, error))
+            req.handle.push(req.event(delta, token_ids, reason, error, logprobs))
             self._gauges()
 
     def _fail_everything(self, err: ServingError) -> None:

@@ -18,7 +18,8 @@ from typing import TypeVar
 
 import torch
 
-from server.engine.sampler import RowSampling, sample
+from server.engine.logprobs import TokenLogprobs
+from server.engine.sampler import RowSampling, sample_step
 
 log = logging.getLogger("rankserve.engine")
 T = TypeVar("T")
@@ -46,17 +47,21 @@ def forward_isolating(forward: Callable[[list[T]], list[torch.Tensor]], chunks: 
 
 
 def sample_isolating(logits: torch.Tensor, rows: Sequence[RowSampling], eos_ids: torch.Tensor
-                     ) -> list[int | Exception]:
+                     ) -> tuple[list[int | Exception], list[TokenLogprobs | None] | None]:
     """``sample`` over the batch; if it raises, row by row, so only the rows that raise fail."""
     try:
-        return list(sample(logits, list(rows), eos_ids))
+        return sample_step(logits, list(rows), eos_ids)
     except Exception:
         pass
     out: list[int | Exception] = []
+    lps: list[TokenLogprobs | None] = []
     for i, row in enumerate(rows):
         try:
-            out.append(sample(logits[i:i + 1], [row], eos_ids)[0])
+            toks, lp = sample_step(logits[i:i + 1], [row], eos_ids)
+            out.append(toks[0])
+            lps.append(lp[0] if lp else None)
         except Exception as e:
             log.warning("a request's sampling failed: %s: %s", type(e).__name__, e)
             out.append(e)
-    return out
+            lps.append(None)
+    return out, lps

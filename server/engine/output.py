@@ -2,14 +2,15 @@
 
 ``OutputState.append`` records each sampled token in the request's ``TokenState`` (the one write of a
 generated id) and decides what text may be returned: incremental detokenisation over a short window, EOS,
-min_tokens, max_tokens, and stop strings (text that could begin a stop string is held back; the stop string
-itself is never returned).
+min_tokens, max_tokens, ``stop_token_ids`` and stop strings (text that could begin a stop string is held
+back; the stop string, or the stop token's text, is returned only with ``include_stop_str_in_output``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from server.engine.guided import Guide
 from server.engine.sampler import SamplingParams
 from server.engine.tokens import TokenState
 
@@ -61,6 +62,7 @@ class OutputState:
     tokenizer: object
     tokens: TokenState
     eos_ids: frozenset[int]
+    guide: Guide | None = None  # structured output: the request ends where its grammar is complete
     text: str = ""
     emitted: int = 0  # characters of ``text`` already returned
     detok: Detokenizer = field(init=False)
@@ -74,14 +76,20 @@ class OutputState:
         n = self.tokens.num_generated
         if token in self.eos_ids and not p.ignore_eos and n > p.min_tokens:
             return self._flush(len(self.tokens) - 1), "stop"
+        if p.stop_token_ids and token in p.stop_token_ids and n > p.min_tokens:
+            return self._flush(None if p.include_stop_str_in_output else len(self.tokens) - 1), "stop"
         self.text += self.detok.step()
         if p.stop and n >= p.min_tokens:
             cut = self._find_stop()
             if cut is not None:
+                if p.include_stop_str_in_output:
+                    cut += min(len(s) for s in p.stop if self.text.startswith(s, cut))
                 delta = self.text[self.emitted:cut] if cut > self.emitted else ""
                 self.text = self.text[:cut]
                 self.emitted = len(self.text)
                 return delta, "stop"
+        if self.guide is not None and self.guide.complete:
+            return self._flush(), "stop"
         if n >= p.max_tokens:
             return self._flush(), "length"
         end = len(self.text) - self._held_back()

@@ -15,8 +15,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
-from server.common.errors import DeadlineExceeded, ServingError
+from server.common.errors import ContextLengthExceeded, DeadlineExceeded, InvalidParameter, ServingError
 from server.common.metrics import Metrics
+from server.engine.guided import GuideSpec
+from server.engine.logprobs import TokenLogprobs
 from server.engine.output import OutputState
 from server.engine.sampler import RowSampling, SamplingParams
 from server.engine.tokens import TokenState
@@ -37,11 +39,45 @@ class GenerateParams:
     ignore_eos: bool = False
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() seconds; None = the engine's request_timeout_s
+    stop_token_ids: list[int] | tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_p: float = 0.0
+    logprobs: int | None = None  # see server.engine.logprobs
+    prompt_logprobs: int | None = None
+    guide: GuideSpec | None = None  # structured output (compile it first with engine.guides.compile, off-loop)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed, min_tokens=self.min_tokens,
-                              ignore_eos=self.ignore_eos, stop=tuple(self.stop or ()))
+                              ignore_eos=self.ignore_eos, stop=tuple(self.stop or ()),
+                              stop_token_ids=tuple(self.stop_token_ids or ()),
+                              include_stop_str_in_output=self.include_stop_str_in_output,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              repetition_penalty=self.repetition_penalty,
+                              logit_bias=tuple(sorted((self.logit_bias or {}).items())), min_p=self.min_p,
+                              logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
+
+    def checked(self, vocab_size: int, max_model_len: int) -> SamplingParams:
+        """The sampling parameters, or 400 naming every problem (the engine's own check, behind the HTTP
+        schema's), and 400 when prompt + max_tokens exceed the context."""
+        sp = self.sampling()
+        problems = sp.validate(vocab_size)
+        if not self.prompt_ids:
+            problems.append("prompt is empty")
+        if self.guide is not None:
+            problems += self.guide.conflicts(self.min_tokens, self.ignore_eos)
+        if problems:
+            raise InvalidParameter("; ".join(problems), param="prompt" if not self.prompt_ids else None)
+        total = len(self.prompt_ids) + self.max_tokens
+        if total > max_model_len:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {max_model_len} tokens; the request needs "
+                f"{total} ({len(self.prompt_ids)} in the prompt + {self.max_tokens} max_tokens)", param="max_tokens")
+        return sp
 
 
 @dataclass(frozen=True)
@@ -52,6 +88,8 @@ class GenerateEvent:
     prompt_tokens: int
     completion_tokens: int
     error: ServingError | None = None
+    logprobs: list[TokenLogprobs] | None = None  # aligned with token_ids, when the request asked
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # first event only: per prompt token (None first)
 
 
 class EventSink:
@@ -161,11 +199,23 @@ class GenRequest(Request):
     rows: RowSampling | None = None
     done: bool = False
     last_token_at: float | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # filled during prefill when asked for
+    prompt_logprobs_sent: bool = False
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """Whether this step's chunk must return every position's logits: prompt logprobs still missing."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.tokens.num_prompt
 
     def event(self, delta: str = "", token_ids: list[int] | None = None, reason: str | None = None,
-              error: ServingError | None = None) -> GenerateEvent:
-        """An event for the caller, its usage counts read from the token state."""
-        return GenerateEvent(delta, token_ids or [], reason, self.tokens.num_prompt, self.tokens.num_generated, error)
+              error: ServingError | None = None, logprobs: list[TokenLogprobs] | None = None) -> GenerateEvent:
+        """An event for the caller, its usage counts read from the token state; the first carries the prompt
+        logprobs."""
+        prompt_lps = None
+        if self.prompt_logprobs is not None and not self.prompt_logprobs_sent and error is None:
+            prompt_lps, self.prompt_logprobs_sent = self.prompt_logprobs, True
+        return GenerateEvent(delta, token_ids or [], reason, self.tokens.num_prompt, self.tokens.num_generated,
+                             error, logprobs, prompt_lps)
 
     def observe_token(self, now: float, metrics: Metrics | None) -> None:
         if metrics is not None:

@@ -81,17 +81,23 @@ class Scheduler:
         waves = (self._waiting + len(self.running)) / self.max_running
         return float(min(60.0, max(1.0, round(waves * self._recent_e2e))))
 
-    def check_capacity(self) -> None:
-        """Raise QueueFull when a new request could not be queued; cheap, before any tokenisation."""
-        if self._waiting >= self.max_queue:
+    def check_capacity(self, n: int = 1) -> None:
+        """Raise QueueFull when ``n`` new requests could not be queued; cheap, before any tokenisation."""
+        if self._waiting + n > self.max_queue:
             raise QueueFull(f"the waiting queue is full ({self.max_queue} requests); retry later",
                             retry_after=self.retry_after())
 
     def add(self, req: Request) -> None:
+        self.add_all([req])
+
+    def add_all(self, reqs: list[Request]) -> None:
+        """Queue every request in order, or none (QueueFull) when the queue cannot hold them all."""
         with self._lock:
-            self.check_capacity()
-            self._queues.setdefault(req.key, deque()).append(req)
-            self._waiting += 1
+            if self._waiting + len(reqs) > self.max_queue:
+                self.check_capacity(len(reqs))
+            for req in reqs:
+                self._queues.setdefault(req.key, deque()).append(req)
+            self._waiting += len(reqs)
 
     def remove_waiting(self, req: Request) -> bool:
         """Take a request out of the queue (cancel, deadline); False when it is not waiting."""

@@ -34,7 +34,8 @@ import torch
 
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, CompiledAdapter
-from server.common.errors import AdapterLoadFailed, Unavailable, UnknownAdapter
+from adapters_store.tenancy import resolve
+from server.common.errors import AdapterLoadFailed, TaskMismatch, Unavailable, UnknownAdapter
 from server.common.metrics import Metrics
 from server.lora.pool import AdapterPool, PoolExhausted
 
@@ -102,6 +103,25 @@ class AdapterResidency:
             if digest in self._loads:
                 return
             self._loads[digest] = self._executor.submit(self._fetch, adapter_id, digest, store_key)
+
+    def lookup(self, adapter_id: str | None, owner: str | None, task: str):
+        """At submit: (storage key, record) of ``adapter_id`` for tenant ``owner`` (its own, else the public
+        one, never another tenant's), checked for ``task`` and known load failures, and its read started
+        (``prefetch``). None for the base model."""
+        if adapter_id is None:
+            return None
+        try:
+            store_key, record = resolve(self.store, adapter_id, owner)
+        except Exception as e:
+            if getattr(e, "http_status", None) == 404:
+                raise UnknownAdapter(f"adapter {adapter_id!r} does not exist", param="model") from None
+            raise
+        if record.task != task:
+            raise TaskMismatch(f"adapter {adapter_id!r} is a {record.task} adapter; this endpoint needs {task}",
+                               param="model")
+        self.check(adapter_id, record.digest)
+        self.prefetch(adapter_id, record.digest, store_key)
+        return store_key, record
 
     def loading(self, digest: str) -> bool:
         with self._loads_lock:

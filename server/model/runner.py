@@ -35,6 +35,7 @@ class Chunk:
     tokens: list[int]
     start: int  # tokens already in the cache for this sequence
     adapter_slot: int = -1  # device slot of the sequence's adapter; -1 = base only
+    all_logits: bool = False  # logits of every token ``[n, V]`` (prompt logprobs), not only the last ``[V]``
 
 
 def _no_context(token_slots: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -59,7 +60,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk], all_positions: bool = False) -> list[torch.Tensor]:
         """Run one step. Returns, per chunk in the given order, the logits of its last token ``[V]``
-        (or of every token ``[n, V]`` when ``all_positions``)."""
+        (or of every token ``[n, V]`` when ``all_positions`` or the chunk's ``all_logits``)."""
         if not chunks:
             return []
         order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].tokens) > 1)  # decodes first, stable
@@ -93,6 +94,12 @@ class ModelRunner:
                 bounds.append(bounds[-1] + len(c.tokens))
             if all_positions:
                 out_ordered = list(torch.split(self._logits(hidden), [len(c.tokens) for c in ordered]))
+            elif any(c.all_logits for c in ordered):  # one lm_head call over the rows wanted, then split
+                rows = [r for j, c in enumerate(ordered)
+                        for r in (range(bounds[j], bounds[j + 1]) if c.all_logits else (bounds[j + 1] - 1,))]
+                sizes = [len(c.tokens) if c.all_logits else 1 for c in ordered]
+                parts = torch.split(self._logits(hidden[torch.tensor(rows, device=dev)]), sizes)
+                out_ordered = [p if c.all_logits else p[0] for p, c in zip(parts, ordered, strict=True)]
             else:
                 last = torch.tensor(bounds[1:], device=dev) - 1
                 out_ordered = list(self._logits(hidden[last]))  # [n_chunks, V] -> rows
