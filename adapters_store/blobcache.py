@@ -25,15 +25,6 @@ log = logging.getLogger(__name__)
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(1 << 20)
-        while n := f.readinto(buf):
-            digest.update(memoryview(buf)[:n])
-    return digest.hexdigest()
-
-
 class BlobCache:
     def __init__(self, root: str | Path, max_bytes: int):
         if max_bytes < 1:

@@ -17,6 +17,7 @@ the runner is built (``make_attention``), never per step.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,12 +38,12 @@ class StepShape:
     prefills: list[tuple[int, int, int]]
 
 
-class StepAttention:
+class StepAttention(abc.ABC):
     """One step's attention, planned once and run by every layer."""
 
+    @abc.abstractmethod
     def run(self, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
         """q [T, H, hd] (decodes first) -> attention output [T, H, hd]."""
-        raise NotImplementedError
 
 
 class DenseAttention(StepAttention):
