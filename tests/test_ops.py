@@ -176,7 +176,7 @@ def test_one_adapter_alone_or_with_base_tokens(form, T):
 
 
 def test_auto_picks_the_cheapest_formulation_of_the_cost_model():
-    """``auto``: one or a few adapters decoding -> dense; many -> the rows gather; long
+    """``auto``: one adapter -> single; a few adapters decoding -> dense; many -> the rows gather; long
     segments -> grouped GEMMs (where torch has them). Each is checked against the reference above."""
     from server.lora.ops.torch_cpu import TorchLowRank, costs
 
@@ -192,7 +192,7 @@ def test_auto_picks_the_cheapest_formulation_of_the_cost_model():
         plan = pool.plan(torch.tensor(slots[:adapters]).repeat_interleave(per_adapter))
         return op.choose(plan, module, 4)
 
-    assert pick(1, 4) == "dense"
+    assert pick(1, 4) == "single"
     assert pick(2, 1) == "dense"
     assert pick(16, 1) == "gather"
     if HAS_GROUPED_MM:

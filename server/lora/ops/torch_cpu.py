@@ -3,8 +3,8 @@
 Per step and module: the correction is computed by ONE of the formulations below (never a Python loop over
 adapters or tokens), then out_scale as a per-token row gather of the module's g table (row S = ones).
 
-- single (one MoR adapter in the step): two GEMMs on views of its slot, no copy of any weight.
-- dense (one or a few adapters, ``plan.dense_rows``): the step's K adapters' rank rows side by side as
+- single (one adapter in the step): two GEMMs on views of its slot, no copy of any weight, no mask.
+- dense (a few adapters, ``plan.dense_rows``): the step's K adapters' rank rows side by side as
   K*R columns; h = (x A^T) * mask over every token, y += h B. It does K times the low-rank multiply-adds,
   in two plain GEMMs; projections reading one input share the shrink GEMM and the K adapters' rows are
   kept across steps (``groups.ProjectionGroup``), so steady decoding gathers no weight at all.
@@ -131,7 +131,7 @@ class TorchLowRank:
         grouped_ok = HAS_GROUPED_MM and all(aligned(d_in, d_out, bp.rank, itemsize)
                                             for d_in, d_out in shapes for bp in plan.buckets)
         if self.strategy == "auto":
-            if plan.single is not None and plan.dense_rows is None:  # MoR: the dense form has no router
+            if plan.single is not None:  # one adapter: plain GEMMs on its slot's views, no mask
                 return "single"
             options = costs(plan, shapes, grouped_ok)
             return min(options, key=options.__getitem__) if options else "bucket"
