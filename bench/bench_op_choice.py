@@ -1,6 +1,6 @@
 """Where each formulation of the torch low-rank op wins on this CPU: per-token row gather, dense over the
-step's adapters (two GEMMs over every token, masked) and grouped GEMMs over adapter segments
-(``torch._grouped_mm``), for one module, side by side in one run (interleaved, best of --repeat), over
+step's adapters (two GEMMs over every token, masked), segments (one bmm per adapter over its padded
+tokens) and grouped GEMMs over adapter segments (``torch._grouped_mm``), for one module, side by side in one run (interleaved, best of --repeat), over
 tokens per adapter segment, distinct adapters, rank and module shape. Times are the calling thread's CPU
 time (torch runs on one thread here), so other processes on a shared machine barely move them. The last
 columns say which formulation won and what ``auto`` picks (and its cost over the winner's).
@@ -56,13 +56,13 @@ def main() -> None:
     if not HAS_GROUPED_MM:
         raise SystemExit("torch._grouped_mm is not available on this build: only the gather path exists")
     print(f"torch {torch.__version__}, 1 thread; times per module call in us (best of {args.repeat})")
-    names = ("gather", "dense", "grouped", "auto")
+    names = ("gather", "dense", "segments", "grouped", "auto")
     print(f"{'d_in x d_out':>13} {'rank':>4} {'adapters':>8} {'tok/seg':>7} "
           + " ".join(f"{n:>8}" for n in names) + f" {'best':>8} {'auto/best':>9}")
     ops = {n: TorchLowRank(n) for n in names}
     for d_in, d_out in args.shapes:
         for rank in (8, 16):
-            for adapters in (2, 5, 8, 16):
+            for adapters in (2, 5, 8, 16, 32):
                 pool, slots = pool_for(d_in, d_out, max(adapters, 2), rank)
                 for per_seg in (1, 2, 4, 8, 32, 128):
                     T = per_seg * adapters
@@ -80,7 +80,7 @@ def main() -> None:
                                 return op(x, y0.clone(), plan, module)
 
                             best[name] = min(best[name], timed(call, args.iters))
-                    won = min(names[:3], key=best.__getitem__)
+                    won = min(names[:4], key=best.__getitem__)
                     print(f"{d_in:>6} x {d_out:<5} {rank:>4} {adapters:>8} {per_seg:>7} "
                           + " ".join(f"{best[n] * 1e6:>8.0f}" for n in names)
                           + f" {won:>8} {best['auto'] / best[won]:>9.2f}", flush=True)

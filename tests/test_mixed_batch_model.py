@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -80,28 +81,32 @@ def test_tiny_bert_mixed_batch_rows_match_alone(tiny_bert):
     run_mixed(tiny_bert, "classify", lambda o: o.last_hidden_state)
 
 
-def test_dense_steps_share_the_shrink_and_never_reuse_stale_rows(tiny_llama):
-    """The dense formulation over the whole model (q/k/v and gate/up each sharing one shrink GEMM) gives
-    every row what its adapter gives alone, and after an adapter leaves and another takes its slot (the
-    same slot set) the next step reads the new adapter's rows, not the kept ones."""
+@pytest.mark.parametrize("form", ["dense", "segments"])
+def test_kept_rows_share_the_shrink_and_are_never_stale(tiny_llama, form):
+    """The dense and segments formulations over the whole model (q/k/v and gate/up each sharing one
+    shrink GEMM) give every row what its adapter gives alone, with segments of unequal length (the
+    segments' padding), and after an adapter leaves and another takes its slot (the same slot set) the
+    next step reads the new adapter's rows, not the kept ones."""
     base = copy.copy(tiny_llama)
     base.model = copy.deepcopy(tiny_llama.model)
-    pool = AdapterPool(base, "cpu", torch.float32, buckets=[(8, 1), (16, 1)], backend="torch-dense")  # one slot each
+    pool = AdapterPool(base, "cpu", torch.float32, buckets=[(8, 1), (16, 1)], backend=f"torch-{form}")  # one slot each
     pool.install()
     groups = {m.group for m in pool.slots.values()}
     assert any(len(g.members) == 3 for g in groups) and any(len(g.members) == 2 for g in groups)
     gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(10, 500, (3, 7), generator=gen)
+    ids = torch.randint(10, 500, (4, 7), generator=gen)
 
     def check(adapters: list[CompiledAdapter]) -> None:
         slots = [pool.acquire(f"k{i}-{id(a)}", lambda a=a: a) for i, a in enumerate(adapters)]
-        token_slots = torch.tensor(slots + [-1])[:, None].expand(-1, 7)[:3].reshape(-1)
+        rows = [0, 1, 0, None]  # adapter 0 on two rows: 14 tokens against 7, and a base row
+        token_slots = torch.tensor([-1 if r is None else slots[r] for r in rows])[:, None].expand(-1, 7).reshape(-1)
         with torch.no_grad(), pool.step(token_slots) as plan:
             batched = base.model(input_ids=ids).logits
-        assert plan.dense_rows is not None and set(plan.choices.values()) == {"dense"}
-        for b, adapter in enumerate([*adapters, None][:3]):
+        assert plan.kept_rows is not None and set(plan.choices.values()) == {form}
+        assert form == "dense" or plan.seg_valid is not None  # the shorter segment is padded
+        for b, r in enumerate(rows):
             with torch.no_grad():
-                want = alone(base, adapter)(input_ids=ids[b:b + 1]).logits[0]
+                want = alone(base, None if r is None else adapters[r])(input_ids=ids[b:b + 1]).logits[0]
             torch.testing.assert_close(batched[b], want, atol=2e-4, rtol=2e-4)
         for i, a in enumerate(adapters):
             pool.release(f"k{i}-{id(a)}")

@@ -24,7 +24,7 @@ from server.lora.pool import AdapterPool
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)}
 FORMS = ("plain", "out_scale", "mor", "absent")
-BACKENDS = ["torch", "torch-gather", "torch-dense"] + (["torch-grouped"] if HAS_GROUPED_MM else [])
+BACKENDS = ["torch", "torch-gather", "torch-dense", "torch-segments"] + (["torch-grouped"] if HAS_GROUPED_MM else [])
 
 
 def one_linear_base(d_in: int, d_out: int, dtype: torch.dtype, seed: int) -> BaseModel:
@@ -176,16 +176,17 @@ def test_one_adapter_alone_or_with_base_tokens(form, T):
 
 
 def test_auto_picks_the_cheapest_formulation_of_the_cost_model():
-    """``auto``: one adapter -> single; a few adapters decoding -> dense; many -> the rows gather; long
-    segments -> grouped GEMMs (where torch has them). Each is checked against the reference above."""
+    """``auto``: one adapter -> single; a few adapters decoding -> dense; more -> segments; past the kept
+    rows' bound (K*R > KEPT_MAX_ROWS) the rows gather, or grouped GEMMs for long segments (where torch has
+    them). Each is checked against the reference above."""
     from server.lora.ops.torch_cpu import TorchLowRank, costs
 
     base = one_linear_base(256, 256, torch.float32, 0)
-    pool = AdapterPool(base, "cpu", torch.float32, buckets=[(8, 16)], mor_entries=0, backend="torch")
+    pool = AdapterPool(base, "cpu", torch.float32, buckets=[(8, 40)], mor_entries=0, backend="torch")
     pool.install()
     gen = torch.Generator().manual_seed(0)
     slots = [pool.acquire(f"a{i}", lambda: adapter_of(module_of("plain", 8, 256, 256, gen), "plain"))
-             for i in range(16)]
+             for i in range(40)]
     op, module = TorchLowRank("auto"), pool.slots["proj"]
 
     def pick(adapters: int, per_adapter: int) -> str:
@@ -194,9 +195,11 @@ def test_auto_picks_the_cheapest_formulation_of_the_cost_model():
 
     assert pick(1, 4) == "single"
     assert pick(2, 1) == "dense"
-    assert pick(16, 1) == "gather"
+    assert pick(16, 1) == "segments"
+    assert pick(5, 64) == "segments"
+    assert pick(40, 1) == "gather"  # 40 * 8 rows > KEPT_MAX_ROWS: no kept rows
     if HAS_GROUPED_MM:
-        assert pick(5, 256) == "grouped"
+        assert pick(40, 64) == "grouped"
     plan = pool.plan(torch.tensor(slots[:3]))
     est = costs(plan, [(256, 256)], HAS_GROUPED_MM)
     assert op.choose(plan, module, 4) == min(est, key=est.__getitem__)

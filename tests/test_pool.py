@@ -101,6 +101,31 @@ def test_rank_padding_and_absent_modules_contribute_nothing():
     assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
+def test_a_slot_reused_after_a_scaled_adapter_serves_the_next_one_exactly():
+    """Slot writes skip what would change nothing (an out_scale row already at ones, an empty tail), and
+    read lora_b in the CPU tier's column-major layout: a plain adapter landing where a DoRA-style one was
+    gets ones again, and every step equals the reference of the adapter now in the slot."""
+    from server.lora.ops.reference import reference_forward
+
+    pool = make_pool(buckets=[(8, 1)])
+    x = torch.randn(5, 16)
+    layer = pool.layers["proj"]
+    for i, (form, rank) in enumerate([("out_scale", 8), ("plain", 3), ("out_scale", 5), ("plain", 8), ("plain", 2)]):
+        load = loader(rank, form, seed=10 + i)
+        slot = pool.acquire(f"k{i}", load)
+        adapter = pool.adapter(f"k{i}")
+        assert adapter.modules["proj"].lora_b.T.is_contiguous()  # the CPU tier's layout
+        assert torch.equal(adapter.modules["proj"].lora_b, load().modules["proj"].lora_b)  # same values
+        with torch.no_grad(), pool.step(torch.full((5,), slot)):
+            got = layer(x)
+        want = reference_forward(x, layer.weight, layer.bias, torch.full((5,), slot), {slot: load().modules["proj"]})
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        if form == "plain":
+            assert torch.equal(pool.slots["proj"].out_scale[slot], torch.ones(12))
+        pool.release(f"k{i}")
+        pool.forget(f"k{i}")
+
+
 def test_cpu_tier_is_bounded_in_bytes_and_serves_hits():
     one = loader(8)().num_bytes()
     calls: list[int] = []

@@ -82,12 +82,18 @@ class BatchPlan:
     single: tuple[int, int, int] | None = None  # (bucket, local slot, rank rows) when ONE adapter has tokens
     mor_pos: torch.Tensor | None = None  # [m] long: positions of the MoR tokens among the rows' N tokens
     mor_index: torch.Tensor | None = None  # [m] long: their MoR table entries
-    dense_rows: torch.Tensor | None = None  # [K * R] long: flat-table rows of the step's K adapters (their
-    #   rank rows padded to R with the zero row); set when K <= DENSE_MAX_ADAPTERS, K * R <= DENSE_MAX_COLS
-    #   and no token uses MoR
+    kept_rows: torch.Tensor | None = None  # [K * R] long: flat-table rows of the step's K adapters (their
+    #   rank rows padded to R with the zero row), adapter k at rows k*R..k*R+R-1; set when
+    #   K * R <= KEPT_MAX_ROWS and no token uses MoR. Projection groups keep these rows across steps.
+    kept_key: tuple | None = None  # (pool generation, the K slots, R): the kept rows stay valid while it holds
     dense_mask: torch.Tensor | None = None  # [T, K * R] in the pool dtype: 1 where column k*R + j belongs
-    #   to the token's own adapter (all zero for base tokens)
-    dense_key: tuple | None = None  # (pool generation, the K slots, R): the dense rows stay valid while it holds
+    #   to the token's own adapter (all zero for base tokens); set when K <= DENSE_MAX_ADAPTERS and
+    #   K * R <= DENSE_MAX_COLS (the dense formulation)
+    seg_index: torch.Tensor | None = None  # [K * M] long: token at place m of adapter k's segment, M = the
+    #   longest segment; places past a segment's length repeat one of its tokens (seg_valid zeroes them)
+    seg_valid: torch.Tensor | None = None  # [K, M, 1] in the pool dtype: 1 for real places; None when every
+    #   segment has M tokens
+    seg_m: int = 0  # host int: M
     shared: dict = field(default_factory=dict, compare=False)  # per projection group: its h this step
     choices: dict = field(default_factory=dict, compare=False)  # the op's formulation per module shape,
     #   decided once per step (host work per module: one dict lookup)
@@ -165,25 +171,40 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
     mor_all = torch.where(known, table.mor_index[subject], -1)  # [N]
     mor_pos = (mor_all >= 0).nonzero().squeeze(1)
     h_mor = (pack.add(mor_pos), pack.add(mor_all[mor_pos])) if mor_pos.numel() else None
-    # Dense over the step's few adapters: their rank rows side by side as K*R columns, each token masked
-    # to its own adapter's R columns (base tokens to none).
-    h_dense = None
+    # The step's K adapters' rank rows, each padded to R with the zero row (projection groups keep them
+    # across steps): the dense formulation puts them side by side as K*R columns with a per-token mask,
+    # the segments one runs one small GEMM per adapter over its tokens padded to the longest segment.
+    h_kept = None
     used = (counts > 0).nonzero().squeeze(1)  # [K] slots in use, ascending
     K = int(used.shape[0])
-    if 0 < R and K <= DENSE_MAX_ADAPTERS and K * R <= DENSE_MAX_COLS and not mor_pos.numel():
+    if 0 < R and K * R <= KEPT_MAX_ROWS and not mor_pos.numel():
         k = torch.arange(R)
         rows_k = torch.where(k[None, :] < table.slot_rank[used][:, None], table.row0[used][:, None] + k,
                              table.zero_row)  # [K, R]
-        which = torch.full((S,), -1, dtype=torch.long)
-        which[used] = torch.arange(K)
-        h_dense = (pack.add(rows_k), pack.add(torch.where(host >= 0, which[host.clamp(min=0)], -1)))
+        lens = counts[used]  # [K] tokens per adapter, in the order of ``order``
+        M = int(lens.max())
+        place = torch.arange(M)
+        starts = lens.cumsum(0) - lens  # [K] first position of each segment in ``order``
+        # past its length a segment repeats its first token: a valid index whose h row is then zeroed
+        seg = order[(starts[:, None] + torch.where(place[None, :] < lens[:, None], place[None, :], 0))]
+        h_kept = (pack.add(rows_k), pack.add(seg), M, bool((lens < M).any()))
+        if K <= DENSE_MAX_ADAPTERS and K * R <= DENSE_MAX_COLS:
+            which = torch.full((S,), -1, dtype=torch.long)
+            which[used] = torch.arange(K)
+            h_kept += (pack.add(torch.where(host >= 0, which[host.clamp(min=0)], -1)), pack.add(lens))
+        else:
+            h_kept += (None, pack.add(lens))
 
     dev = pack.send(device)
-    dense_mask = None
-    if h_dense is not None:
-        tok_k = dev[h_dense[1]]  # [T] index of the token's adapter among the K, -1 = base
-        col_k = torch.arange(K, device=tok_k.device).repeat_interleave(R)  # [K * R]
-        dense_mask = (tok_k[:, None] == col_k[None, :]).to(dtype)  # [T, K * R]
+    dense_mask = seg_valid = None
+    if h_kept is not None:
+        if h_kept[4] is not None:
+            tok_k = dev[h_kept[4]]  # [T] index of the token's adapter among the K, -1 = base
+            col_k = torch.arange(K, device=tok_k.device).repeat_interleave(R)  # [K * R]
+            dense_mask = (tok_k[:, None] == col_k[None, :]).to(dtype)  # [T, K * R]
+        if h_kept[3]:
+            place = torch.arange(h_kept[2], device=dev[h_kept[5]].device)
+            seg_valid = (place[None, :] < dev[h_kept[5]][:, None]).to(dtype)[:, :, None]  # [K, M, 1]
     buckets = tuple(
         BucketPlan(b, rank, base, longest, start, stop, lo, dev[h[0]].to(torch.int32), dev[h[1]],
                    dev[h[2]].to(torch.int32), dev[h[3]].to(torch.int32),
@@ -195,13 +216,15 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
         rows=None if h_rows is None else dev[h_rows].view(subject.numel(), R), rows_by_token=by_token,
         single=single,
         mor_pos=None if h_mor is None else dev[h_mor[0]], mor_index=None if h_mor is None else dev[h_mor[1]],
-        dense_rows=None if h_dense is None else dev[h_dense[0]], dense_mask=dense_mask,
-        dense_key=None if h_dense is None else (generation, tuple(used.tolist()), R))
-
+        kept_rows=None if h_kept is None else dev[h_kept[0]],
+        kept_key=None if h_kept is None else (generation, tuple(used.tolist()), R),
+        dense_mask=dense_mask, seg_index=None if h_kept is None else dev[h_kept[1]], seg_valid=seg_valid,
+        seg_m=0 if h_kept is None else h_kept[2])
 
 ROWS_CAP = 1 << 18  # largest [T_a, R] row table built per step (the gather path is for short segments)
 DENSE_MAX_ADAPTERS = 8  # the dense formulation's GEMMs grow with K: past a few adapters it never wins
-DENSE_MAX_COLS = 64  # K * R: bounds the dense GEMMs and the rows groups.ProjectionGroup keeps per module
+DENSE_MAX_COLS = 64  # K * R: bounds the dense GEMMs (their multiply-adds grow with T * K * R)
+KEPT_MAX_ROWS = 256  # K * R: the rows groups.ProjectionGroup keeps per module (32 rank-8 adapters)
 
 
 class _Pack:

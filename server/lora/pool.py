@@ -16,6 +16,7 @@ Thread-safety: the engine thread acquires, releases, plans and merges; the resid
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections import OrderedDict
@@ -28,7 +29,7 @@ from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, CompiledAdapter
 from server.common.metrics import TIERS
 from server.lora import merge as merging
-from server.lora.buffers import ModuleSlots
+from server.lora.buffers import ModuleSlots, serving_layout
 from server.lora.cpu_tier import CpuTier
 from server.lora.groups import ProjectionGroup, shared_input_groups
 from server.lora.layer import LowRankLinear, StepContext
@@ -203,6 +204,7 @@ class AdapterPool:
         """Hold an adapter loaded elsewhere (the residency's loader threads) in the CPU tier, LRU-bounded.
         ``hold_s`` > 0: a prefetch for a waiting request; no eviction takes it before its first acquire (or
         before ``hold_s`` seconds pass), even if the tier must run over its bytes meanwhile."""
+        adapter = for_slots(adapter)  # on the caller's (loader) thread, before the lock
         with self._lock:
             if key not in self._resident and key not in self._cpu:
                 self._stats.misses["cpu"] += 1  # the loader thread's read; the acquire that follows is a hit
@@ -294,7 +296,7 @@ class AdapterPool:
             return adapter
         self._stats.misses["cpu"] += 1
         start = time.perf_counter()
-        adapter = loader()
+        adapter = for_slots(loader())
         self._stats.load_seconds["loader"] += time.perf_counter() - start
         self._cpu.put(key, adapter)
         return adapter
@@ -385,3 +387,12 @@ class AdapterPool:
         rank = self.buckets[self._bucket_of(slot)][0]
         item = torch.finfo(self.dtype).bits // 8
         return sum(rank * (s.d_in + s.d_out) * item for s in self.slots.values())
+
+
+def for_slots(adapter: CompiledAdapter) -> CompiledAdapter:
+    """The adapter as the CPU tier keeps it: equal values, every ``lora_b`` laid out for the slot copy
+    (``buffers.serving_layout``), so making it resident later is a few contiguous copies per module."""
+    modules = {path: serving_layout(mw) for path, mw in adapter.modules.items()}
+    if all(modules[p] is mw for p, mw in adapter.modules.items()):
+        return adapter
+    return dataclasses.replace(adapter, modules=modules)

@@ -4,10 +4,14 @@ Per step and module: the correction is computed by ONE of the formulations below
 adapters or tokens), then out_scale as a per-token row gather of the module's g table (row S = ones).
 
 - single (one adapter in the step): two GEMMs on views of its slot, no copy of any weight, no mask.
-- dense (a few adapters, ``plan.dense_rows``): the step's K adapters' rank rows side by side as
+- dense (a few adapters, ``plan.dense_mask``): the step's K adapters' rank rows side by side as
   K*R columns; h = (x A^T) * mask over every token, y += h B. It does K times the low-rank multiply-adds,
   in two plain GEMMs; projections reading one input share the shrink GEMM and the K adapters' rows are
   kept across steps (``groups.ProjectionGroup``), so steady decoding gathers no weight at all.
+- segments (``plan.seg_index``): per adapter, its tokens padded to the longest segment M; one ``bmm``
+  [K, M, d_in] x [K, d_in, n*R] shrinks every member of a projection group, one ``bmm`` per member
+  expands, one ``index_add_`` scatters. Kept rows as for dense; it does K*M/T_a times the useful work
+  (1 when the segments are even), with a handful of calls per group whatever K is.
 - rows gather (``plan.rows``): for every token, the flat-table rows of its adapter's rank, padded to the
   step's largest rank with the zero row. One ``index_select`` + ``bmm`` for the shrink, one weighted
   ``embedding_bag`` for the expand (reads B^T rows in place), whatever the number of buckets. When most
@@ -52,16 +56,19 @@ def aligned(*sizes_and_dtype: int) -> bool:
 HAS_GROUPED_MM = _grouped_mm_works()
 
 
-STRATEGIES = ("auto", "grouped", "gather", "dense")
+STRATEGIES = ("auto", "grouped", "gather", "dense", "segments")
 
 # Cost model, microseconds per module call, D = d_in + d_out, R = rank rows, K = adapters in the step:
 #   gather   c0 + c1 * N*R*D                 (N row-table tokens: the per-token rows read)
 #   dense    c0 + c1 * T*K*R*D               (two GEMMs over all T tokens; the K adapters' rows are kept)
 #   grouped  c0 * buckets + c1 * T_a*R*D + c2 * K   (each adapter read once, a fixed cost per group)
-# Least-squares fit (relative error; median 19-28%, the machine was shared) of bench/bench_op_choice.py,
-# torch 2.13, one thread, thread CPU time: d 256x256 and 576x1536, ranks 8 and 16, 2-16 adapters, 1-128
-# tokens per adapter. Only the ratios between formulations matter for the choice.
-COST = {"gather": (25.6, 1.82e-4), "dense": (8.3, 1.64e-5), "grouped": (23.6, 7.4e-5, 4.67)}
+#   segments c0 + c2 * n + c1 * K*M*R*D_group     (per projection group of n members; K*M padded places)
+# Least-squares fit (relative error; median 13-18%) of bench/bench_op_choice.py, torch 2.13, one thread,
+# thread CPU time: d 256x256, 256x688, 576x1536, 2048x2048, ranks 8 and 16, 2-32 adapters, 1-128 tokens
+# per adapter (2026-12-02). segments' fixed cost is split between the group (x gather, shrink) and each
+# member (expand, scatter) by their call counts. Only the ratios between formulations matter for the choice.
+COST = {"gather": (25.0, 1.40e-4), "dense": (7.9, 1.48e-5), "grouped": (22.3, 6.07e-5, 4.05),
+        "segments": (10.9, 3.47e-5, 6.0)}
 
 
 def costs(plan: BatchPlan, shapes: list[tuple[int, int]], grouped_ok: bool) -> dict[str, float]:
@@ -73,9 +80,13 @@ def costs(plan: BatchPlan, shapes: list[tuple[int, int]], grouped_ok: bool) -> d
     if plan.rows is not None:
         c0, c1 = COST["gather"]
         out["gather"] = sum(c0 + c1 * plan.rows.numel() * (d_in + d_out) for d_in, d_out in shapes)
-    if plan.dense_rows is not None:
+    if plan.dense_mask is not None:
         c0, c1 = COST["dense"]
-        out["dense"] = c0 + c1 * plan.num_tokens * plan.dense_rows.shape[0] * sum(a + b for a, b in shapes)
+        out["dense"] = c0 + c1 * plan.num_tokens * plan.dense_mask.shape[1] * sum(a + b for a, b in shapes)
+    if plan.seg_index is not None:
+        c0, c1, c2 = COST["segments"]
+        R = plan.kept_key[2]  # type: ignore[index]
+        out["segments"] = c0 + c2 * len(shapes) + c1 * plan.seg_index.shape[0] * R * sum(a + b for a, b in shapes)
     if grouped_ok:
         c0, c1, c2 = COST["grouped"]
         work = sum(bp.num_tokens * bp.rank for bp in plan.buckets)
@@ -102,6 +113,8 @@ class TorchLowRank:
                 self._single(x, y, plan, slots)
             elif form == "dense":
                 self._dense(x, y, plan, slots)
+            elif form == "segments":
+                self._segments(x, y, plan, slots)
             elif form == "gather" and plan.rows_by_token:
                 self._gather_rows(x, y, plan, slots)
             elif form == "gather":
@@ -135,8 +148,10 @@ class TorchLowRank:
                 return "single"
             options = costs(plan, shapes, grouped_ok)
             return min(options, key=options.__getitem__) if options else "bucket"
-        if self.strategy == "dense" and plan.dense_rows is not None:
+        if self.strategy == "dense" and plan.dense_mask is not None:
             return "dense"
+        if self.strategy == "segments" and plan.seg_index is not None:
+            return "segments"
         if self.strategy == "grouped":
             return "grouped" if grouped_ok else "bucket"
         return "gather" if plan.rows is not None else "bucket"
@@ -163,10 +178,17 @@ class TorchLowRank:
         """The step's K adapters side by side: h = (x A_K^T) * mask [T, K*R], y += h B_K: two GEMMs over
         every token, the shrink shared by the modules reading the same x, the K adapters' rows kept
         across steps (``groups.ProjectionGroup``)."""
-        group = slots.group
-        if group is None:  # a pool built without groups (not through AdapterPool)
-            group = slots.group = ProjectionGroup([slots])
+        group = _group(slots)
         y.addmm_(group.dense_h(x, plan, slots.group_index), group.dense_bt(plan, slots.group_index))
+
+    @staticmethod
+    def _segments(x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, slots: ModuleSlots) -> None:
+        """Per adapter over its (padded) segment: h [K, M, R] shared by the group, delta = h B_k, scattered
+        into the tokens' rows (padding places carry h = 0 and add nothing)."""
+        group = _group(slots)
+        delta = torch.bmm(group.seg_h(x, plan, slots.group_index), group.seg_b(plan, slots.group_index))
+        assert plan.seg_index is not None
+        y.index_add_(0, plan.seg_index, delta.view(-1, y.shape[1]))
 
     def _gather_rows(self, xs: torch.Tensor, y: torch.Tensor | None, plan: BatchPlan,
                      slots: ModuleSlots) -> torch.Tensor:
@@ -201,6 +223,12 @@ class TorchLowRank:
         if grouped:
             return torch._grouped_mm(h, bt[bp.lo:hi], offs=bp.offs)  # [n, d_out]
         return torch.bmm(h.unsqueeze(1), bt.index_select(0, bp.local_slots)).squeeze(1)
+
+
+def _group(slots: ModuleSlots) -> ProjectionGroup:
+    if slots.group is None:  # a pool built without groups (not through AdapterPool)
+        slots.group = ProjectionGroup([slots])
+    return slots.group
 
 
 def route(h: torch.Tensor, xm: torch.Tensor, pos: torch.Tensor, entries: torch.Tensor,
