@@ -210,3 +210,33 @@ def test_mor_entries_are_a_separate_budget():
     pool.release("m1")
     pool.acquire("m2", loader(4, "mor", seed=2))  # evicts the idle MoR adapter for its entry
     assert pool.slot_of("m1") is None
+
+
+def test_a_repeated_step_reuses_its_plan_until_a_slot_changes():
+    """Steady decoding repeats the token slots: the plan is reused (same tensors and choices, a fresh
+    per-step scratch); a new adapter in a slot, a freed slot, or other token slots build a new one."""
+    pool = make_pool(buckets=[(8, 2)])
+    s0 = pool.acquire("a", loader(4, seed=1))
+    s1 = pool.acquire("b", loader(8, seed=2))
+    slots = torch.tensor([s0, s1, s1, -1])
+    first = pool.plan(slots)
+    first.shared["scratch"] = 1
+    again = pool.plan(slots)
+    assert again.order is first.order and again.choices is first.choices and again.kept_rows is first.kept_rows
+    assert again.shared == {} and again.kept_key == first.kept_key
+    assert pool.plan(torch.tensor([s1, s0, s1, -1])).order is not first.order  # other token slots
+    pool.release("a")
+    pool.forget("a")  # frees slot s0
+    s2 = pool.acquire("c", loader(8, seed=3))  # lands in the freed slot
+    assert s2 == s0
+    rebuilt = pool.plan(slots)
+    assert rebuilt.order is not first.order and rebuilt.kept_key != first.kept_key
+    x = torch.randn(4, 16)
+    layer = pool.layers["proj"]
+    with torch.no_grad(), pool.step(slots):
+        got = layer(x)
+    from server.lora.ops.reference import reference_forward
+
+    want = reference_forward(x, layer.weight, layer.bias, slots, {s0: loader(8, seed=3)().modules["proj"],
+                                                                  s1: loader(8, seed=2)().modules["proj"]})
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from adapters_store.format import ModuleWeights
+from adapters_store.format import CompiledAdapter, ModuleWeights
 from server.lora.groups import ProjectionGroup
 
 
@@ -132,3 +132,12 @@ def serving_rows(mw: ModuleWeights) -> torch.Tensor:
     assert mw.rank_scale is not None
     lam = mw.rank_scale.float()  # [N, r]
     return (lam[:, :, None] * mw.lora_a.float()[None, :, :]).reshape(-1, mw.lora_a.shape[1])  # [N*r, d_in]
+
+
+def for_slots(adapter: CompiledAdapter) -> CompiledAdapter:
+    """The adapter as the CPU tier keeps it: equal values, every ``lora_b`` laid out for the slot copy
+    (``serving_layout``), so making it resident later is a few contiguous copies per module."""
+    modules = {path: serving_layout(mw) for path, mw in adapter.modules.items()}
+    if all(modules[p] is mw for p, mw in adapter.modules.items()):
+        return adapter
+    return replace(adapter, modules=modules)

@@ -29,7 +29,7 @@ from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, CompiledAdapter
 from server.common.metrics import TIERS
 from server.lora import merge as merging
-from server.lora.buffers import ModuleSlots, serving_layout
+from server.lora.buffers import ModuleSlots, for_slots
 from server.lora.cpu_tier import CpuTier
 from server.lora.groups import ProjectionGroup, shared_input_groups
 from server.lora.layer import LowRankLinear, StepContext
@@ -115,7 +115,8 @@ class AdapterPool:
                                    for local in range(n)], dtype=torch.long)
         self._zero_row = sum(r * n for r, n in self.buckets)
         self._merged: tuple[str, dict[str, torch.Tensor]] | None = None
-        self._generation = 0  # slot writes so far: cached gathers of slot rows are keyed on it
+        self._generation = 0  # slot writes and frees so far: cached gathers of slot rows and plans key on it
+        self._last_plan: tuple[tuple, BatchPlan] | None = None  # (key, plan) of the previous step
         for members in shared_input_groups(self.slots):
             if len({self.slots[p].d_in for p in members}) == 1:
                 group = ProjectionGroup([self.slots[p] for p in members])
@@ -243,12 +244,22 @@ class AdapterPool:
 
     # --------------------------------------------------------------------- steps
     def plan(self, token_slots: torch.Tensor) -> BatchPlan:
+        """The step's plan. Steady decoding repeats the previous step's token slots over unchanged slots:
+        that plan is reused (a fresh per-step scratch, the same tensors and choices) instead of rebuilt."""
         with self._lock:
+            merged_slot = None if self._merged is None else self._resident[self._merged[0]].slot
+            host = token_slots.detach().to("cpu", torch.long).reshape(-1)
+            key = (host.numpy().tobytes(), self._generation, merged_slot)
+            last = self._last_plan
+            if last is not None and last[0] == key:
+                return dataclasses.replace(last[1], shared={})
             table = SlotTable(tuple(self.bucket_base), tuple(n for _, n in self.buckets),
                               tuple(r for r, _ in self.buckets), self._occupied, self._scaled, self._mor_index,
                               self._row0, self._slot_rank, self._zero_row)
-            merged_slot = None if self._merged is None else self._resident[self._merged[0]].slot
-            return build_plan(token_slots, table, self.device, merged_slot, self.dtype, self._generation)
+            plan = build_plan(host if token_slots.device.type == "cpu" else token_slots, table, self.device,
+                              merged_slot, self.dtype, self._generation)
+            self._last_plan = (key, plan)
+            return plan
 
     @contextlib.contextmanager
     def step(self, token_slots: torch.Tensor) -> Iterator[BatchPlan]:
@@ -364,6 +375,7 @@ class AdapterPool:
 
     def _give_back(self, slot: int, mor_entry: int) -> None:
         # Stale rows stay in the buffers: the plan refuses unoccupied slots, and the next write overwrites.
+        self._generation += 1  # no cached plan may name the slot again
         self._occupied[slot] = False
         self._scaled[slot] = False
         self._mor_index[slot] = -1
@@ -380,19 +392,6 @@ class AdapterPool:
         s.resident["cpu"] = len(self._cpu)
         s.resident_bytes["cpu"] = self._cpu.used_bytes
         s.evictions["cpu"] = self._cpu.evictions
-        s.resident_bytes["gpu"] = sum(self._slot_bytes(r.slot) for r in self._resident.values())
-
-    def _slot_bytes(self, slot: int) -> int:
-        """Device bytes one slot of this slot's bucket occupies across all modules."""
-        rank = self.buckets[self._bucket_of(slot)][0]
-        item = torch.finfo(self.dtype).bits // 8
-        return sum(rank * (s.d_in + s.d_out) * item for s in self.slots.values())
-
-
-def for_slots(adapter: CompiledAdapter) -> CompiledAdapter:
-    """The adapter as the CPU tier keeps it: equal values, every ``lora_b`` laid out for the slot copy
-    (``buffers.serving_layout``), so making it resident later is a few contiguous copies per module."""
-    modules = {path: serving_layout(mw) for path, mw in adapter.modules.items()}
-    if all(modules[p] is mw for p, mw in adapter.modules.items()):
-        return adapter
-    return dataclasses.replace(adapter, modules=modules)
+        # device bytes of the occupied slots (each its bucket's rank rows) across all modules
+        width = sum(m.d_in + m.d_out for m in self.slots.values()) * (torch.finfo(self.dtype).bits // 8)
+        s.resident_bytes["gpu"] = sum(self.buckets[self._bucket_of(r.slot)][0] * width for r in self._resident.values())
