@@ -56,7 +56,7 @@ def main() -> None:
     if not HAS_GROUPED_MM:
         raise SystemExit("torch._grouped_mm is not available on this build: only the gather path exists")
     print(f"torch {torch.__version__}, 1 thread; times per module call in us (best of {args.repeat})")
-    names = ("gather", "dense", "segments", "grouped", "auto")
+    names = ("gather", "dense", "segments", "grouped", "bgmv", "auto")
     print(f"{'d_in x d_out':>13} {'rank':>4} {'adapters':>8} {'tok/seg':>7} "
           + " ".join(f"{n:>8}" for n in names) + f" {'best':>8} {'auto/best':>9}")
     ops = {n: TorchLowRank(n) for n in names}
@@ -80,7 +80,7 @@ def main() -> None:
                                 return op(x, y0.clone(), plan, module)
 
                             best[name] = min(best[name], timed(call, args.iters))
-                    won = min(names[:4], key=best.__getitem__)
+                    won = min(names[:5], key=best.__getitem__)
                     print(f"{d_in:>6} x {d_out:<5} {rank:>4} {adapters:>8} {per_seg:>7} "
                           + " ".join(f"{best[n] * 1e6:>8.0f}" for n in names)
                           + f" {won:>8} {best['auto'] / best[won]:>9.2f}", flush=True)

@@ -8,6 +8,8 @@ order, and for MoR in where lambda is rounded (folded into A in fp32, then cast)
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +26,9 @@ from server.lora.pool import AdapterPool
 
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)}
 FORMS = ("plain", "out_scale", "mor", "absent")
-BACKENDS = ["torch", "torch-gather", "torch-dense", "torch-segments"] + (["torch-grouped"] if HAS_GROUPED_MM else [])
+# the fused CPU kernel needs a C++ toolchain; where there is one, a failed build fails its tests
+HAS_TOOLCHAIN = shutil.which("g++") is not None and shutil.which("ninja") is not None
+BACKENDS = ["torch", "torch-gather", "torch-dense", "torch-segments"] + (["torch-bgmv"] if HAS_TOOLCHAIN else []) + (["torch-grouped"] if HAS_GROUPED_MM else [])
 
 
 def one_linear_base(d_in: int, d_out: int, dtype: torch.dtype, seed: int) -> BaseModel:
@@ -175,10 +179,12 @@ def test_one_adapter_alone_or_with_base_tokens(form, T):
     check("torch", torch.float32, 40, 24, [(form, 12), (form, 12)], T, seed=T + 1)
 
 
-def test_auto_picks_the_cheapest_formulation_of_the_cost_model():
+def test_auto_picks_the_cheapest_formulation_of_the_cost_model(monkeypatch):
     """``auto``: one adapter -> single; a few adapters decoding -> dense; more -> segments; past the kept
     rows' bound (K*R > KEPT_MAX_ROWS) the rows gather, or grouped GEMMs for long segments (where torch has
-    them). Each is checked against the reference above."""
+    them); with the fused CPU kernel built, bgmv for short segments. Each is checked against the
+    reference above."""
+    from server.lora.ops import cpu_kernel
     from server.lora.ops.torch_cpu import TorchLowRank, costs
 
     base = one_linear_base(256, 256, torch.float32, 0)
@@ -193,14 +199,20 @@ def test_auto_picks_the_cheapest_formulation_of_the_cost_model():
         plan = pool.plan(torch.tensor(slots[:adapters]).repeat_interleave(per_adapter))
         return op.choose(plan, module, 4)
 
-    assert pick(1, 4) == "single"
-    assert pick(2, 1) == "dense"
-    assert pick(16, 1) == "segments"
-    assert pick(5, 64) == "segments"
-    assert pick(40, 1) == "gather"  # 40 * 8 rows > KEPT_MAX_ROWS: no kept rows
-    if HAS_GROUPED_MM:
-        assert pick(40, 64) == "grouped"
+    if HAS_TOOLCHAIN:
+        assert cpu_kernel.get(wait=True) is not None, cpu_kernel.error()
+        assert pick(16, 1) == "bgmv" and pick(40, 1) == "bgmv"
+        assert pick(5, 256) == "segments"  # long segments: one GEMM per adapter beats per-token products
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernel, "get", lambda wait=False: None)  # the torch formulations alone
+        assert pick(1, 4) == "single"
+        assert pick(2, 1) == "dense"
+        assert pick(16, 1) == "segments"
+        assert pick(5, 64) == "segments"
+        assert pick(40, 1) == "gather"  # 40 * 8 rows > KEPT_MAX_ROWS: no kept rows
+        if HAS_GROUPED_MM:
+            assert pick(40, 64) == "grouped"
     plan = pool.plan(torch.tensor(slots[:3]))
-    est = costs(plan, [(256, 256)], HAS_GROUPED_MM)
+    est = costs(plan, [(256, 256)], HAS_GROUPED_MM, cpu_kernel.get() is not None)
     assert op.choose(plan, module, 4) == min(est, key=est.__getitem__)
     assert plan.choices  # decided once per step and module shape

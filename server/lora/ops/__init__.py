@@ -33,7 +33,7 @@ class LowRankOp(Protocol):
 
 def select_backend(device: torch.device | str, name: str | None = None) -> LowRankOp:
     """``name``: None (triton on CUDA when importable, else torch), "triton", "torch" (= "torch-auto"),
-    "torch-grouped", "torch-gather", "torch-dense", "torch-segments" (the torch path's formulations, see ``torch_cpu``)."""
+    "torch-grouped", "torch-gather", "torch-dense", "torch-segments", "torch-bgmv" (the torch path's formulations, see ``torch_cpu``)."""
     device = torch.device(device)
     if name is None:
         # find_spec, not an import: the kernels are only defined (jit-decorated) when triton is chosen
@@ -46,7 +46,7 @@ def select_backend(device: torch.device | str, name: str | None = None) -> LowRa
 
     if name == "torch":
         return TorchLowRank()
-    if name in ("torch-auto", "torch-grouped", "torch-gather", "torch-dense", "torch-segments"):
+    if name in ("torch-auto", "torch-grouped", "torch-gather", "torch-dense", "torch-segments", "torch-bgmv"):
         return TorchLowRank(name.removeprefix("torch-"))
     raise ValueError(f"low-rank backend {name!r} is not one of triton, torch, torch-auto, torch-grouped, "
-                     "torch-gather, torch-dense, torch-segments")
+                     "torch-gather, torch-dense, torch-segments, torch-bgmv")

@@ -12,6 +12,8 @@ adapters or tokens), then out_scale as a per-token row gather of the module's g 
   [K, M, d_in] x [K, d_in, n*R] shrinks every member of a projection group, one ``bmm`` per member
   expands, one ``index_add_`` scatters. Kept rows as for dense; it does K*M/T_a times the useful work
   (1 when the segments are even), with a handful of calls per group whatever K is.
+- bgmv (``plan.rows``, fp32 on CPU, once ``cpu_kernel`` is built): the same row table through one fused
+  C++ call per module (per token: h = A_rows x, y += B_rows h), no weight copied, no intermediate tensor.
 - rows gather (``plan.rows``): for every token, the flat-table rows of its adapter's rank, padded to the
   step's largest rank with the zero row. One ``index_select`` + ``bmm`` for the shrink, one weighted
   ``embedding_bag`` for the expand (reads B^T rows in place), whatever the number of buckets. When most
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 from server.lora.buffers import ModuleSlots
 from server.lora.groups import ProjectionGroup
+from server.lora.ops import cpu_kernel
 from server.lora.plan import BatchPlan, BucketPlan
 
 
@@ -54,24 +57,26 @@ def aligned(*sizes_and_dtype: int) -> bool:
 
 
 HAS_GROUPED_MM = _grouped_mm_works()
+_NO_TOKENS = torch.empty(0, dtype=torch.long)  # bgmv: the row table is in token order
 
 
-STRATEGIES = ("auto", "grouped", "gather", "dense", "segments")
+STRATEGIES = ("auto", "grouped", "gather", "dense", "segments", "bgmv")
 
 # Cost model, microseconds per module call, D = d_in + d_out, R = rank rows, K = adapters in the step:
 #   gather   c0 + c1 * N*R*D                 (N row-table tokens: the per-token rows read)
+#   bgmv     c0 + c1 * N*R*D                 (the same rows, read in place by the fused kernel)
 #   dense    c0 + c1 * T*K*R*D               (two GEMMs over all T tokens; the K adapters' rows are kept)
 #   grouped  c0 * buckets + c1 * T_a*R*D + c2 * K   (each adapter read once, a fixed cost per group)
 #   segments c0 + c2 * n + c1 * K*M*R*D_group     (per projection group of n members; K*M padded places)
 # Least-squares fit (relative error; median 13-18%) of bench/bench_op_choice.py, torch 2.13, one thread,
 # thread CPU time: d 256x256, 256x688, 576x1536, 2048x2048, ranks 8 and 16, 2-32 adapters, 1-128 tokens
-# per adapter (2026-12-02). segments' fixed cost is split between the group (x gather, shrink) and each
+# per adapter (2026-12-02; bgmv from a second run, median error 8%). segments' fixed cost is split between the group (x gather, shrink) and each
 # member (expand, scatter) by their call counts. Only the ratios between formulations matter for the choice.
 COST = {"gather": (25.0, 1.40e-4), "dense": (7.9, 1.48e-5), "grouped": (22.3, 6.07e-5, 4.05),
-        "segments": (10.9, 3.47e-5, 6.0)}
+        "segments": (10.9, 3.47e-5, 6.0), "bgmv": (3.1, 6.9e-5)}
 
 
-def costs(plan: BatchPlan, shapes: list[tuple[int, int]], grouped_ok: bool) -> dict[str, float]:
+def costs(plan: BatchPlan, shapes: list[tuple[int, int]], grouped_ok: bool, bgmv_ok: bool = False) -> dict[str, float]:
     """Estimated microseconds of each formulation this step can use for modules of ``shapes`` [(d_in,
     d_out)] that read one input: the dense one shares the shrink and keeps its rows across steps (no
     gather term, one fixed cost), the others run per module."""
@@ -80,6 +85,9 @@ def costs(plan: BatchPlan, shapes: list[tuple[int, int]], grouped_ok: bool) -> d
     if plan.rows is not None:
         c0, c1 = COST["gather"]
         out["gather"] = sum(c0 + c1 * plan.rows.numel() * (d_in + d_out) for d_in, d_out in shapes)
+        if bgmv_ok:
+            c0, c1 = COST["bgmv"]
+            out["bgmv"] = sum(c0 + c1 * plan.rows.numel() * (d_in + d_out) for d_in, d_out in shapes)
     if plan.dense_mask is not None:
         c0, c1 = COST["dense"]
         out["dense"] = c0 + c1 * plan.num_tokens * plan.dense_mask.shape[1] * sum(a + b for a, b in shapes)
@@ -102,6 +110,10 @@ class TorchLowRank:
             raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
         if strategy == "grouped" and not HAS_GROUPED_MM:
             raise ValueError("strategy 'grouped' needs torch._grouped_mm on this build")
+        if strategy in ("auto", "bgmv"):
+            cpu_kernel.start()  # on a background thread: the torch formulations serve until it is ready
+        if strategy == "bgmv" and cpu_kernel.get(wait=True) is None:
+            raise ValueError(f"strategy 'bgmv' needs the fused CPU kernel: {cpu_kernel.error() or 'disabled'}")
         self.strategy = strategy
         self.name = f"torch-{strategy}"
 
@@ -115,6 +127,8 @@ class TorchLowRank:
                 self._dense(x, y, plan, slots)
             elif form == "segments":
                 self._segments(x, y, plan, slots)
+            elif form == "bgmv":
+                self._bgmv(x, y, plan, slots)
             elif form == "gather" and plan.rows_by_token:
                 self._gather_rows(x, y, plan, slots)
             elif form == "gather":
@@ -134,24 +148,29 @@ class TorchLowRank:
         """single, dense, gather, grouped or bucket, for this step and the module's group of projections
         reading one input (one choice for the whole group; cached in the plan per group shape)."""
         shapes = ((slots.d_in, slots.d_out),) if slots.group is None else slots.group.shapes
-        key = (self.strategy, shapes)
+        kernel = cpu_kernel.get() is not None
+        key = (self.strategy, shapes, kernel)
         form = plan.choices.get(key)
         if form is None:
-            form = plan.choices[key] = self._choose(plan, list(shapes), itemsize)
+            form = plan.choices[key] = self._choose(plan, list(shapes), itemsize, kernel)
         return form
 
-    def _choose(self, plan: BatchPlan, shapes: list[tuple[int, int]], itemsize: int) -> str:
+    def _choose(self, plan: BatchPlan, shapes: list[tuple[int, int]], itemsize: int, kernel: bool) -> str:
         grouped_ok = HAS_GROUPED_MM and all(aligned(d_in, d_out, bp.rank, itemsize)
                                             for d_in, d_out in shapes for bp in plan.buckets)
+        bgmv_ok = (kernel and itemsize == 4 and plan.rows is not None and plan.mor_pos is None
+                   and plan.rows.device.type == "cpu")
         if self.strategy == "auto":
             if plan.single is not None:  # one adapter: plain GEMMs on its slot's views, no mask
                 return "single"
-            options = costs(plan, shapes, grouped_ok)
+            options = costs(plan, shapes, grouped_ok, bgmv_ok)
             return min(options, key=options.__getitem__) if options else "bucket"
         if self.strategy == "dense" and plan.dense_mask is not None:
             return "dense"
         if self.strategy == "segments" and plan.seg_index is not None:
             return "segments"
+        if self.strategy == "bgmv" and bgmv_ok:
+            return "bgmv"
         if self.strategy == "grouped":
             return "grouped" if grouped_ok else "bucket"
         return "gather" if plan.rows is not None else "bucket"
@@ -189,6 +208,16 @@ class TorchLowRank:
         delta = torch.bmm(group.seg_h(x, plan, slots.group_index), group.seg_b(plan, slots.group_index))
         assert plan.seg_index is not None
         y.index_add_(0, plan.seg_index, delta.view(-1, y.shape[1]))
+
+    @staticmethod
+    def _bgmv(x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, slots: ModuleSlots) -> None:
+        """The row table through the fused kernel: y[t] += B_rows(t) (A_rows(t) x[t]) in place."""
+        assert plan.rows is not None and plan.order is not None
+        kernel = cpu_kernel.get()
+        assert kernel is not None
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        kernel.bgmv_(x, y, slots.a_flat, slots.bt_flat, plan.rows, _NO_TOKENS if plan.rows_by_token else plan.order)
 
     def _gather_rows(self, xs: torch.Tensor, y: torch.Tensor | None, plan: BatchPlan,
                      slots: ModuleSlots) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""The low-rank op's fused CPU kernel (BGMV: per token, a gathered matrix-vector product), built at run time.
+
+For each token i of the plan's row table, with its adapter's rank rows ``rows[i, :]`` in the module's flat
+tables (``buffers.ModuleSlots``):
+
+    h_j   = x[t_i] . A[rows[i, j]]            j < R (rows past the adapter's rank point to the zero row)
+    y[t_i] += sum_j h_j * B^T[rows[i, j]]
+
+in one C++ loop per module call: no gathered copy of any weight, no intermediate tensor, one Python call
+instead of the four or more of the torch formulations (Punica's BGMV, written for one CPU thread; the
+innermost loops are contiguous and vectorised by the compiler). fp32 only, no MoR routing (the op's
+other formulations serve those).
+
+The extension is compiled with torch's ``cpp_extension`` (g++ and ninja, both on the machine) on first use,
+about 30 s, into a directory of torch's extension cache named after the source, torch, Python and the CPU
+(``-march=native``), then loaded from there in well under a second. A process killed mid-build leaves
+torch's lock file behind, which would make every later build wait forever: a lock older than
+``STALE_LOCK_S`` is removed first. ``start()``
+builds it on a background thread so that nothing waits for it: until it is ready ``get()`` returns None
+and the op keeps to its torch formulations. ``RANKSERVE_CPU_KERNEL=0`` turns it off; a failed build is
+logged once and leaves the torch formulations in charge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("rankserve.lora")
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <pybind11/pybind11.h>
+
+// y[t_i] += sum_j (x[t_i] . A[rows[i, j]]) * Bt[rows[i, j]]; t_i = tok[i], or i when tok is empty.
+void bgmv_(const torch::Tensor& x, torch::Tensor& y, const torch::Tensor& a, const torch::Tensor& bt,
+           const torch::Tensor& rows, const torch::Tensor& tok) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && y.scalar_type() == torch::kFloat &&
+              a.scalar_type() == torch::kFloat && bt.scalar_type() == torch::kFloat, "bgmv_: fp32 only");
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.dim() == 2 && rows.is_contiguous(), "bgmv_: rows [N, R] long");
+  TORCH_CHECK(tok.scalar_type() == torch::kLong && tok.is_contiguous(), "bgmv_: tok long");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && a.stride(1) == 1 && bt.stride(1) == 1, "bgmv_: unit inner stride");
+  const int64_t N = rows.size(0), R = rows.size(1), din = x.size(1), dout = y.size(1);
+  TORCH_CHECK(a.size(1) == din && bt.size(1) == dout, "bgmv_: A/Bt widths");
+  TORCH_CHECK(tok.numel() == 0 || tok.numel() == N, "bgmv_: tok must be empty or one per row");
+  TORCH_CHECK(tok.numel() != 0 || N <= x.size(0), "bgmv_: more rows than tokens");
+  TORCH_CHECK(R <= 1024, "bgmv_: over 1024 rank rows");
+  const float* X = x.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const float* A = a.data_ptr<float>();
+  const float* B = bt.data_ptr<float>();
+  const int64_t* RW = rows.data_ptr<int64_t>();
+  const int64_t* TK = tok.numel() ? tok.data_ptr<int64_t>() : nullptr;
+  const int64_t xs = x.stride(0), ys = y.stride(0), as = a.stride(0), bs = bt.stride(0);
+  const int64_t T = x.size(0), ra = a.size(0), rb = bt.size(0);
+  for (int64_t i = 0; i < N * R; ++i) TORCH_CHECK(RW[i] >= 0 && RW[i] < ra && RW[i] < rb, "bgmv_: row out of range");
+  for (int64_t i = 0; TK && i < N; ++i) TORCH_CHECK(TK[i] >= 0 && TK[i] < T, "bgmv_: token out of range");
+  std::vector<float> h(R);
+  {
+    pybind11::gil_scoped_release no_gil;  // pure C++ from here: other Python threads run meanwhile
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t t = TK ? TK[i] : i;
+      const float* xt = X + t * xs;
+      const int64_t* ri = RW + i * R;
+      for (int64_t j = 0; j < R; ++j) {
+        const float* ar = A + ri[j] * as;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < din; ++k) acc += xt[k] * ar[k];
+        h[j] = acc;
+      }
+      float* yt = Y + t * ys;
+      for (int64_t j = 0; j < R; ++j) {
+        const float hj = h[j];
+        if (hj == 0.f) continue;  // padding rows (the zero row) add nothing
+        const float* br = B + ri[j] * bs;
+#pragma omp simd
+        for (int64_t k = 0; k < dout; ++k) yt[k] += hj * br[k];
+      }
+    }
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("bgmv_", &bgmv_, "fused gathered low-rank correction, in place"); }
+"""
+
+STALE_LOCK_S = 300.0  # a build takes ~30 s on 2 busy cores; a lock this old belongs to a dead process
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module" once built, "error" if the build failed, "thread" while building
+
+
+def enabled() -> bool:
+    return os.environ.get("RANKSERVE_CPU_KERNEL", "1") not in ("0", "false", "no")
+
+
+def build_directory() -> Path:
+    import torch
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    tag = hashlib.sha256(f"{SOURCE}|{torch.__version__}|{platform.python_version()}|{platform.machine()}|"
+                         f"{_cpu_model()}".encode()).hexdigest()[:16]
+    return root / f"rankserve_bgmv_{tag}"
+
+
+def _cpu_model() -> str:
+    """The CPU's model and instruction-set flags (``-march=native`` code runs only where they match)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    model = next((ln for ln in lines if ln.startswith("model name")), "")
+    flags = next((ln for ln in lines if ln.startswith("flags")), "")
+    return f"{model}|{flags}"
+
+
+def _build() -> None:
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        where = build_directory()
+        where.mkdir(parents=True, exist_ok=True)
+        lock = where / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale build lock %s (a process died while building)", lock)
+            lock.unlink(missing_ok=True)
+        module = load_inline(name="rankserve_bgmv", cpp_sources=SOURCE, build_directory=str(where),
+                             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+        _state["module"] = module
+        log.info("fused CPU low-rank kernel ready")
+    except Exception as e:  # no compiler, no ninja, no headers: the torch formulations serve
+        _state["error"] = f"{type(e).__name__}: {e}"
+        log.warning("fused CPU low-rank kernel unavailable (%s); the torch formulations serve", _state["error"])
+
+
+def start() -> None:
+    """Build (or load from torch's cache) on a background thread, once per process."""
+    if not enabled():
+        return
+    with _lock:
+        if "thread" in _state or "module" in _state or "error" in _state:
+            return
+        thread = threading.Thread(target=_build, name="rankserve-kernel-build", daemon=True)
+        _state["thread"] = thread
+        thread.start()
+
+
+def get(wait: bool = False):
+    """The compiled module, or None (not ready yet, disabled, or failed). ``wait``: block until the build
+    ends (tests, benchmarks, a forced strategy)."""
+    module = _state.get("module")
+    if module is not None or not wait:
+        return module
+    start()
+    thread = _state.get("thread")
+    if isinstance(thread, threading.Thread):
+        thread.join()
+    return _state.get("module")
+
+
+def error() -> str | None:
+    """Why the kernel is unavailable, once its build has failed."""
+    err = _state.get("error")
+    return None if err is None else str(err)

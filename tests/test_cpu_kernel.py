@@ -1,0 +1,42 @@
+"""The fused CPU kernel's build: a lock left by a process killed mid-build never blocks later builds, and
+the kernel can be switched off. (Its results are held to the reference in test_ops.py, backend
+"torch-bgmv".)"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from server.lora.ops import cpu_kernel
+from tests.test_ops import HAS_TOOLCHAIN
+
+
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="no g++/ninja: the torch formulations serve")
+def test_a_stale_build_lock_is_removed_and_the_kernel_loads(monkeypatch):
+    assert cpu_kernel.get(wait=True) is not None, cpu_kernel.error()  # built (or loaded) once for the suite
+    lock = cpu_kernel.build_directory() / "lock"
+    lock.write_text("")
+    old = time.time() - cpu_kernel.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    monkeypatch.setattr(cpu_kernel, "_state", {})  # a fresh process's view
+    cpu_kernel._build()
+    assert cpu_kernel._state.get("module") is not None, cpu_kernel._state.get("error")
+    assert not lock.exists()
+    x, y = torch.randn(2, 4), torch.zeros(2, 3)
+    a, bt = torch.randn(3, 4), torch.randn(3, 3)
+    rows = torch.tensor([[0, 1], [2, 2]])
+    cpu_kernel._state["module"].bgmv_(x, y, a, bt, rows, torch.empty(0, dtype=torch.long))
+    want = torch.stack([(x[0] @ a[0]) * bt[0] + (x[0] @ a[1]) * bt[1], 2 * (x[1] @ a[2]) * bt[2]])
+    torch.testing.assert_close(y, want)
+    with pytest.raises(RuntimeError, match="row out of range"):  # never reads past the tables
+        cpu_kernel._state["module"].bgmv_(x, y, a, bt, torch.tensor([[0, 3]]), torch.empty(0, dtype=torch.long))
+
+
+def test_switched_off_it_never_builds(monkeypatch):
+    monkeypatch.setenv("RANKSERVE_CPU_KERNEL", "0")
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    cpu_kernel.start()
+    assert cpu_kernel._state == {} and cpu_kernel.get() is None
