@@ -174,37 +174,36 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
     # The step's K adapters' rank rows, each padded to R with the zero row (projection groups keep them
     # across steps): the dense formulation puts them side by side as K*R columns with a per-token mask,
     # the segments one runs one small GEMM per adapter over its tokens padded to the longest segment.
-    h_kept = None
+    h_kept = h_seg = h_lens = h_which = None
+    seg_m, padded = 0, False
     used = (counts > 0).nonzero().squeeze(1)  # [K] slots in use, ascending
     K = int(used.shape[0])
     if 0 < R and K * R <= KEPT_MAX_ROWS and not mor_pos.numel():
         k = torch.arange(R)
-        rows_k = torch.where(k[None, :] < table.slot_rank[used][:, None], table.row0[used][:, None] + k,
-                             table.zero_row)  # [K, R]
-        lens = counts[used]  # [K] tokens per adapter, in the order of ``order``
-        M = int(lens.max())
-        place = torch.arange(M)
+        h_kept = pack.add(torch.where(k[None, :] < table.slot_rank[used][:, None], table.row0[used][:, None] + k,
+                                      table.zero_row))  # [K, R]
+        lens = counts[used]  # [K] tokens per adapter: the segments of ``order``, in its order
+        seg_m, padded = int(lens.max()), bool((lens < lens.max()).any())
+        place = torch.arange(seg_m)
         starts = lens.cumsum(0) - lens  # [K] first position of each segment in ``order``
         # past its length a segment repeats its first token: a valid index whose h row is then zeroed
-        seg = order[(starts[:, None] + torch.where(place[None, :] < lens[:, None], place[None, :], 0))]
-        h_kept = (pack.add(rows_k), pack.add(seg), M, bool((lens < M).any()))
+        h_seg = pack.add(order[starts[:, None] + torch.where(place[None, :] < lens[:, None], place[None, :], 0)])
+        h_lens = pack.add(lens)
         if K <= DENSE_MAX_ADAPTERS and K * R <= DENSE_MAX_COLS:
             which = torch.full((S,), -1, dtype=torch.long)
             which[used] = torch.arange(K)
-            h_kept += (pack.add(torch.where(host >= 0, which[host.clamp(min=0)], -1)), pack.add(lens))
-        else:
-            h_kept += (None, pack.add(lens))
+            h_which = pack.add(torch.where(host >= 0, which[host.clamp(min=0)], -1))
 
     dev = pack.send(device)
     dense_mask = seg_valid = None
-    if h_kept is not None:
-        if h_kept[4] is not None:
-            tok_k = dev[h_kept[4]]  # [T] index of the token's adapter among the K, -1 = base
-            col_k = torch.arange(K, device=tok_k.device).repeat_interleave(R)  # [K * R]
-            dense_mask = (tok_k[:, None] == col_k[None, :]).to(dtype)  # [T, K * R]
-        if h_kept[3]:
-            place = torch.arange(h_kept[2], device=dev[h_kept[5]].device)
-            seg_valid = (place[None, :] < dev[h_kept[5]][:, None]).to(dtype)[:, :, None]  # [K, M, 1]
+    if h_which is not None:
+        tok_k = dev[h_which]  # [T] index of the token's adapter among the K, -1 = base
+        col_k = torch.arange(K, device=tok_k.device).repeat_interleave(R)  # [K * R]
+        dense_mask = (tok_k[:, None] == col_k[None, :]).to(dtype)  # [T, K * R]
+    if padded:
+        assert h_lens is not None
+        place = torch.arange(seg_m, device=dev[h_lens].device)
+        seg_valid = (place[None, :] < dev[h_lens][:, None]).to(dtype)[:, :, None]  # [K, M, 1]
     buckets = tuple(
         BucketPlan(b, rank, base, longest, start, stop, lo, dev[h[0]].to(torch.int32), dev[h[1]],
                    dev[h[2]].to(torch.int32), dev[h[3]].to(torch.int32),
@@ -216,10 +215,10 @@ def build_plan(token_slots: torch.Tensor, table: SlotTable, device: torch.device
         rows=None if h_rows is None else dev[h_rows].view(subject.numel(), R), rows_by_token=by_token,
         single=single,
         mor_pos=None if h_mor is None else dev[h_mor[0]], mor_index=None if h_mor is None else dev[h_mor[1]],
-        kept_rows=None if h_kept is None else dev[h_kept[0]],
+        kept_rows=None if h_kept is None else dev[h_kept],
         kept_key=None if h_kept is None else (generation, tuple(used.tolist()), R),
-        dense_mask=dense_mask, seg_index=None if h_kept is None else dev[h_kept[1]], seg_valid=seg_valid,
-        seg_m=0 if h_kept is None else h_kept[2])
+        dense_mask=dense_mask, seg_index=None if h_seg is None else dev[h_seg], seg_valid=seg_valid, seg_m=seg_m)
+
 
 ROWS_CAP = 1 << 18  # largest [T_a, R] row table built per step (the gather path is for short segments)
 DENSE_MAX_ADAPTERS = 8  # the dense formulation's GEMMs grow with K: past a few adapters it never wins
