@@ -1,6 +1,12 @@
-"""The Triton kernels against the reference: on CPU under TRITON_INTERPRET=1 (fp32, fp16; the interpreter
-gets bf16 wrong, so bf16 runs only on a GPU), and on CUDA when one is at hand. Same tolerances and
-random batches as tests/test_ops.py."""
+"""The Triton kernels against the reference: on CPU under TRITON_INTERPRET=1, and on CUDA when one is at hand.
+Same tolerances and random batches as tests/test_ops.py.
+
+The interpreter's ``tl.dot`` is a numpy matmul: it reads bf16 operands as their raw 16 bits (wrong numbers)
+and multiplies fp32 operands exactly whatever the input precision, so it could not see a kernel that
+forgot ``input_precision="ieee"``. The ``interpreted`` fixture makes its dot do what a GPU does: bf16
+operands widened to fp32 (their products are exact in fp32, as on tensor cores), fp32 operands of a TF32
+dot rounded to TF32's 10 mantissa bits first (round to nearest, ties away, as ``cvt.rna.tf32.f32``).
+"""
 
 from __future__ import annotations
 
@@ -13,20 +19,29 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_ops import check, spec
+from adapters_store.format import ModuleWeights
+from server.lora.ops.reference import reference_forward
+from server.lora.pool import AdapterPool
+from tests.test_ops import adapter_of, check, one_linear_base, spec
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    """Re-import the kernels with the interpreter on (they may have been jit-decorated for a GPU before)."""
+    """Re-import the kernels with the interpreter on (they may have been jit-decorated for a GPU before),
+    its dot made GPU-like (see the module's docstring)."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
+    from triton.runtime import interpreter
+
     import server.lora.ops.triton_kernels as kernels
 
     importlib.reload(kernels)
+    plain_dot = interpreter.InterpreterBuilder.create_dot
+    interpreter.InterpreterBuilder.create_dot = _gpu_like_dot(plain_dot)
     yield kernels
+    interpreter.InterpreterBuilder.create_dot = plain_dot
     if old is None:
         del os.environ["TRITON_INTERPRET"]
     else:
@@ -34,8 +49,29 @@ def interpreted():
     importlib.reload(kernels)
 
 
+def _gpu_like_dot(plain_dot):
+    import numpy as np
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import TensorHandle
+
+    def operand(t, precision):
+        if t.dtype.scalar == tl.bfloat16:  # stored as uint16: the high half of an fp32
+            return TensorHandle((t.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        if t.dtype.scalar == tl.float32 and precision == ir.INPUT_PRECISION.TF32:
+            bits = (t.data.view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000)  # keep 10 mantissa bits
+            return TensorHandle(bits.view(np.float32), tl.float32)
+        return t
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return plain_dot(self, operand(a, input_precision), operand(b, input_precision), d, input_precision,
+                         max_num_imprecise_acc)
+
+    return create_dot
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_interpreted_kernels_match_reference(interpreted, dtype):
     @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(specs=st.lists(spec, min_size=1, max_size=5), T=st.integers(1, 96), d_in=st.integers(1, 80),
@@ -50,6 +86,71 @@ def test_interpreted_kernels_match_reference(interpreted, dtype):
 def test_interpreted_kernels_every_form_and_long_segments(interpreted):
     specs = [("plain", 3), ("plain", 16), ("out_scale", 8), ("mor", 4), ("absent", 0), ("plain", 64), ("mor", 16)]
     check("triton", torch.float32, 40, 72, specs, 200, seed=7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("counts", [[1, 1, 1, 1], [2, 1, 2, 1], [3, 1, 2, 3], [17, 1, 3, 2]])
+def test_decode_segments_match_reference(interpreted, dtype, counts):
+    """Segments of 1, 2, 3 tokens (the small-tile kernels: 1-, 2-, 4-row tiles) and 17 (16-row tl.dot
+    tiles, the second tile one token), over ranks in three buckets, MoR and base tokens in the same step.
+    The fp32 cases hold the kernels to fp32's tolerance: a TF32 dot would miss it."""
+    specs = [("plain", 5), ("mor", 4), ("out_scale", 12), ("plain", 40)]
+    check("triton", dtype, 24, 40, specs, sum(counts) + 3, seed=len(counts) + counts[0], counts=counts)
+
+
+def test_tile_rows_follow_the_longest_segment(interpreted):
+    assert [interpreted.tile_rows(n) for n in (1, 2, 3, 4, 5, 17, 200)] == [1, 2, 4, 4, 16, 16, 16]
+
+
+def _zero_base_op(dtype: torch.dtype, mw: ModuleWeights, x: torch.Tensor, tokens: int):
+    """y = B A x for ``tokens`` tokens of one adapter (and one base token after them) over W0 = 0, bias 0:
+    the op's correction alone. Returns (y, the reference's y computed in the activation dtype)."""
+    d_out, d_in = mw.lora_b.shape[0], mw.lora_a.shape[1]
+    base = one_linear_base(d_in, d_out, dtype, 0)
+    with torch.no_grad():
+        base.model.proj.weight.zero_()
+        base.model.proj.bias.zero_()
+    pool = AdapterPool(base, "cpu", dtype, buckets=[(8, 2)], backend="triton")
+    pool.install()
+    slot = pool.acquire("a", lambda: adapter_of(mw, "plain"))
+    xs = torch.cat([x.expand(tokens, d_in), torch.zeros(1, d_in)]).to(dtype)  # [tokens + 1, d_in]
+    token_slots = torch.tensor([slot] * tokens + [-1])  # a base token too: the op takes its batched path
+    layer = pool.layers["proj"]
+    with pool.step(token_slots):
+        y = layer(xs)
+    assert torch.equal(y[tokens:], torch.zeros(1, d_out, dtype=dtype))
+    return y[:tokens], reference_forward(xs, layer.weight, layer.bias, token_slots, {slot: mw})[:tokens]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 17])
+def test_h_stays_fp32_between_shrink_and_expand(interpreted, dtype, tokens):
+    """h = A x = (1 + 2^-12, 1) and B h = h_0 - h_1 = 2^-12 (exact in every dtype). Rounded to fp16 or bf16
+    between the two GEMMs, 1 + 2^-12 becomes 1 and the correction vanishes: the reference, which computes
+    in the activation dtype, shows that the construction bites."""
+    eps = 2.0 ** -12
+    a = torch.zeros(2, 8)
+    a[0, :2] = 1
+    a[1, 0] = 1
+    x = torch.zeros(8)
+    x[0], x[1] = 1, eps
+    y, rounded = _zero_base_op(dtype, ModuleWeights(a, torch.tensor([[1.0, -1.0]]).repeat(4, 1)), x, tokens)
+    assert torch.equal(y, torch.full((tokens, 4), eps, dtype=dtype))
+    assert torch.equal(rounded, torch.zeros(tokens, 4, dtype=dtype))
+
+
+@pytest.mark.parametrize("tokens", [1, 17])
+def test_fp32_operands_multiply_in_ieee_fp32(interpreted, tokens):
+    """x_0 = 1 + 2^-14, A = e_0, B = 1 + 2^-13: y = (1 + 2^-14)(1 + 2^-13) rounded once to fp32. A TF32 dot
+    (10 mantissa bits) rounds x_0 or h in the shrink and B in the expand to 1, and y to 1 or 1 + 2^-13."""
+    x = torch.zeros(8)
+    x[0] = 1 + 2.0 ** -14
+    a = torch.zeros(1, 8)
+    a[0, 0] = 1
+    b = torch.full((4, 1), 1 + 2.0 ** -13)
+    y, _ = _zero_base_op(torch.float32, ModuleWeights(a, b), x, tokens)
+    want = torch.tensor((1 + 2.0 ** -14) * (1 + 2.0 ** -13), dtype=torch.float64).float()
+    assert torch.equal(y, want.expand(tokens, 4))
 
 
 @pytest.mark.gpu

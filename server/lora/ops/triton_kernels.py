@@ -9,6 +9,19 @@ Rows of A (and of B^T) past the module's actual rank (``slots.ranks``) are never
 them and the expand's rank loop stops at the rank, so bytes and FLOPs follow each adapter's rank. The
 expand scatters straight into y through ``order`` (every token is written by exactly one program). MoR's
 router and out_scale are cheap torch epilogues shared with the torch backend.
+
+Precision: both GEMMs accumulate in fp32, and h stays fp32 between them (an fp32 scratch, never rounded to
+the activation dtype); fp32 operands multiply as IEEE fp32 (``input_precision="ieee"``: tl.dot's default
+would round them to TF32). The expand multiplies the fp32 h by B upcast to fp32, and only y + B h is
+rounded to the output dtype, once.
+
+Tiles: a bucket whose longest segment has at most ``DECODE_MAX`` tokens (decode steps) runs with token
+tiles of 1, 2 or 4 rows (the smallest power of two holding the segment) and a broadcast multiply-and-sum
+instead of ``tl.dot``, which needs 16 rows: a one-token segment no longer computes 15 masked rows. Longer
+segments use 16-row ``tl.dot`` tiles. Both variants are one kernel each (``DOT`` is a compile-time switch).
+
+These kernels have run only under the Triton interpreter (CPU, ``TRITON_INTERPRET=1``; tests/
+test_ops_triton.py), never on a GPU: their speed there is unmeasured.
 """
 
 from __future__ import annotations
@@ -27,15 +40,27 @@ try:
 except ImportError:  # triton is an optional extra: the torch path serves without it
     AVAILABLE = False
 
-BLOCK_M = 16  # tokens per tile (tl.dot needs >= 16)
+BLOCK_M = 16  # tokens per tile of the tl.dot kernels (tl.dot needs >= 16 rows)
+DECODE_MAX = 4  # a bucket whose segments are all this short runs the small-tile (dot-free) kernels
+VEC_ELEMS = 4096  # bound on the [rows, K, R] products a small-tile program holds at once
 
 
 if AVAILABLE:
 
     @triton.jit
+    def _mma(a, b, DOT: tl.constexpr):
+        """a [M, K] @ b [K, N] accumulated in fp32: ``tl.dot`` in IEEE fp32 (never TF32) for 16-row tiles,
+        else one broadcast multiply and a sum over K (tiles of 1-4 rows, below tl.dot's minimum)."""
+        if DOT:
+            out = tl.dot(a, b, input_precision="ieee")
+        else:
+            out = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        return out
+
+    @triton.jit
     def _shrink_kernel(x_ptr, order_ptr, a_ptr, rank_ptr, seg_start_ptr, seg_slot_ptr, h_ptr,
                        d_in, R, stride_x, stride_a_slot, stride_a_row, stride_h,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr):
         seg = tl.program_id(0)
         start = tl.load(seg_start_ptr + seg)
         end = tl.load(seg_start_ptr + seg + 1)
@@ -55,14 +80,14 @@ if AVAILABLE:
                             mask=tok_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
                 a = tl.load(a_ptr + slot * stride_a_slot + r[None, :] * stride_a_row + k[:, None],
                             mask=(r[None, :] < rank) & k_ok[:, None], other=0.0)  # [BK, BR] = A^T tile
-                acc += tl.dot(x, a)
+                acc += _mma(x, a, DOT)
             out = h_ptr + tok[:, None] * stride_h + r[None, :]
-            tl.store(out, acc.to(h_ptr.dtype.element_ty), mask=tok_ok[:, None] & (r[None, :] < R))
+            tl.store(out, acc, mask=tok_ok[:, None] & (r[None, :] < R))  # h is fp32: no rounding here
 
     @triton.jit
     def _expand_kernel(h_ptr, bt_ptr, rank_ptr, seg_start_ptr, seg_slot_ptr, order_ptr, y_ptr,
                        d_out, stride_h, stride_b_slot, stride_b_row, stride_y,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr):
         seg = tl.program_id(0)
         start = tl.load(seg_start_ptr + seg)
         end = tl.load(seg_start_ptr + seg + 1)
@@ -79,19 +104,26 @@ if AVAILABLE:
                 r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = r < rank
                 h = tl.load(h_ptr + tok[:, None] * stride_h + r[None, :],
-                            mask=tok_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR]
+                            mask=tok_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR] fp32
                 b = tl.load(bt_ptr + slot * stride_b_slot + r[:, None] * stride_b_row + n[None, :],
                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BR, BN]
-                acc += tl.dot(h, b)
+                acc += _mma(h, b.to(tl.float32), DOT)
             rows = tl.load(order_ptr + tok, mask=tok_ok, other=0).to(tl.int64)
             out = y_ptr + rows[:, None] * stride_y + n[None, :]
             ok = tok_ok[:, None] & n_ok[None, :]
             y = tl.load(out, mask=ok, other=0.0)
-            tl.store(out, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ok)
+            tl.store(out, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ok)  # the one rounding
 
 
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def tile_rows(max_segment: int) -> int:
+    """Token rows per tile for a bucket whose longest segment has ``max_segment`` tokens: the smallest
+    power of two holding it when it is a decode segment (<= DECODE_MAX: the dot-free kernels), else
+    BLOCK_M (the tl.dot kernels)."""
+    return _pow2(max_segment, least=1) if max_segment <= DECODE_MAX else BLOCK_M
 
 
 class TritonLowRank:
@@ -113,19 +145,28 @@ class TritonLowRank:
                 a, bt = slots.a[bp.bucket], slots.bt[bp.bucket]  # [n_b, R, d_in], [n_b, R, d_out]
                 order = plan.order[bp.start:bp.stop]  # [n] rows of x and y
                 ranks = slots.ranks[bp.slot_base:]  # [n_b...] indexed by local slot
-                h = x.new_empty(bp.num_tokens, bp.rank)  # [n, R]
-                tiles = triton.cdiv(bp.max_segment, BLOCK_M)
+                rows = tile_rows(bp.max_segment)
+                dot = rows == BLOCK_M
+                block_r = _pow2(bp.rank, least=16 if dot else 1)
+                # the small tiles hold a [rows, K, R] product: K shrinks as R grows (registers on a GPU)
+                block_k = self.block_k if dot else max(16, min(self.block_k, _pow2_floor(VEC_ELEMS // (rows * block_r))))
+                h = torch.empty(bp.num_tokens, bp.rank, device=x.device, dtype=torch.float32)  # [n, R] fp32
+                tiles = triton.cdiv(bp.max_segment, rows)
                 _shrink_kernel[(bp.num_segments, tiles)](
                     x, order, a, ranks, bp.seg_starts, bp.seg_slots, h,
                     slots.d_in, bp.rank, x.stride(0), a.stride(0), a.stride(1), h.stride(0),
-                    BLOCK_M=BLOCK_M, BLOCK_K=self.block_k, BLOCK_R=_pow2(bp.rank))
+                    BLOCK_M=rows, BLOCK_K=block_k, BLOCK_R=block_r, DOT=dot)
                 if bp.mor_rows is not None:
                     h = route(h, x.index_select(0, order.index_select(0, bp.mor_rows)), bp.mor_rows, bp.mor_index,
                               slots)
                 _expand_kernel[(bp.num_segments, tiles, triton.cdiv(slots.d_out, self.block_n))](
                     h, bt, ranks, bp.seg_starts, bp.seg_slots, order, y,
                     slots.d_out, h.stride(0), bt.stride(0), bt.stride(1), y.stride(0),
-                    BLOCK_M=BLOCK_M, BLOCK_N=self.block_n, BLOCK_R=16)
+                    BLOCK_M=rows, BLOCK_N=self.block_n, BLOCK_R=16, DOT=dot)
         if plan.scale_rows is not None:
             y.mul_(slots.out_scale.index_select(0, plan.scale_rows))  # [T, d_out] rows of g
         return y
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
