@@ -18,11 +18,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
-from adapters_store.format import ModuleWeights
+from adapters_store.basemodels import BaseModel
+from adapters_store.format import AdapterMeta, CompiledAdapter, ModuleWeights
 from server.lora.ops.reference import reference_forward
 from server.lora.pool import AdapterPool
-from tests.test_ops import adapter_of, check, one_linear_base, spec
+from tests.test_ops import adapter_of, check, module_of, one_linear_base, spec
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -151,6 +153,75 @@ def test_fp32_operands_multiply_in_ieee_fp32(interpreted, tokens):
     y, _ = _zero_base_op(torch.float32, ModuleWeights(a, b), x, tokens)
     want = torch.tensor((1 + 2.0 ** -14) * (1 + 2.0 ** -13), dtype=torch.float64).float()
     assert torch.equal(y, want.expand(tokens, 4))
+
+
+GROUP_SHAPES = {"attn.q_proj": (24, 24), "attn.k_proj": (24, 8), "attn.v_proj": (24, 8), "attn.o_proj": (24, 24),
+                "mlp.gate_proj": (24, 40), "mlp.up_proj": (24, 40)}
+
+
+@pytest.mark.parametrize("counts", [[1, 1, 2, 1], [17, 1, 3, 2]])
+def test_projections_sharing_an_input_share_one_shrink_launch(interpreted, monkeypatch, counts):
+    """q/k/v and gate/up: one shrink launch per used bucket for the whole group (o_proj alone: its own),
+    each member with its own ranks (one absent), MoR and out_scale, every output equal to the reference's;
+    a second forward through the same input tensor, refilled in place, recomputes instead of reading the
+    first forward's h."""
+    gen = torch.Generator().manual_seed(sum(counts))
+    model = nn.Module()
+    model.attn, model.mlp = nn.Module(), nn.Module()
+    for path, (d_in, d_out) in GROUP_SHAPES.items():
+        parent, name = path.split(".")
+        setattr(getattr(model, parent), name, nn.Linear(d_in, d_out))
+    model.requires_grad_(False)
+    base = BaseModel("unit", "llama", model, None, "fp", ("generate",), GROUP_SHAPES)
+    pool = AdapterPool(base, "cpu", torch.float32, buckets=[(8, 4), (16, 4), (64, 6)], mor_entries=6, backend="triton")
+    pool.install()
+    modules = {}  # slot -> {path: ModuleWeights or None}
+    for i, (form, rank) in enumerate([("plain", 5), ("mor", 4), ("out_scale", 12), ("plain", 40)]):
+        mws = {path: module_of("absent" if (i, k) == (0, 1) else form, max(rank - k, 1), *shape, gen)
+               for k, (path, shape) in enumerate(GROUP_SHAPES.items())}
+        meta = AdapterMeta(method="mor" if form == "mor" else "lora", task="generate", base_model="unit",
+                           base_fingerprint="fp")
+        adapter = CompiledAdapter(meta, {p: mw for p, mw in mws.items() if mw is not None})
+        modules[pool.acquire(f"a{i}", lambda a=adapter: a)] = mws
+    slots = list(modules)
+    token_slots = torch.cat([torch.full((c,), s) for s, c in zip(slots, counts, strict=True)] + [torch.full((2,), -1)])
+    token_slots = token_slots[torch.randperm(token_slots.numel(), generator=gen)]  # [T]
+    x = torch.randn(token_slots.numel(), 24, generator=gen)
+    launches = []
+    kernel = interpreted._shrink_kernel
+    monkeypatch.setattr(interpreted, "_shrink_kernel", _Recorder(kernel, launches))
+    with pool.step(token_slots) as plan:
+        for forward in range(2):
+            if forward:
+                x.copy_(torch.randn(x.shape, generator=gen))  # same storage, new values
+            for path in GROUP_SHAPES:
+                y = pool.layers[path](x)
+                want = reference_forward(x, pool.layers[path].weight, pool.layers[path].bias, token_slots,
+                                         {s: mws[path] for s, mws in modules.items()})
+                torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4, msg=lambda m, p=path: f"{p}: {m}")
+    members = sorted(grid[2] for grid in launches)
+    per_forward = len(plan.buckets)
+    assert members == [1] * 2 * per_forward + [2] * 2 * per_forward + [3] * 2 * per_forward
+
+
+@pytest.mark.slow
+def test_tiny_llama_mixed_batch_through_the_kernels(interpreted, tiny_llama):
+    """The whole model under the interpreter: q/k/v and gate/up of every layer share their shrink launch,
+    8 adapters of every serving form in one batch, each row as its adapter gives alone."""
+    from tests.test_mixed_batch_model import run_mixed
+
+    run_mixed(tiny_llama, "generate", lambda o: o.logits, backend="triton")
+
+
+class _Recorder:
+    """Stands in for a jit kernel: records each launch's grid, then launches."""
+
+    def __init__(self, kernel, grids: list):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
 
 
 @pytest.mark.gpu

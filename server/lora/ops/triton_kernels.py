@@ -30,7 +30,7 @@ import torch
 
 from server.lora.buffers import ModuleSlots
 from server.lora.ops.torch_cpu import route
-from server.lora.plan import BatchPlan
+from server.lora.plan import BatchPlan, BucketPlan
 
 try:
     import triton
@@ -58,14 +58,18 @@ if AVAILABLE:
         return out
 
     @triton.jit
-    def _shrink_kernel(x_ptr, order_ptr, a_ptr, rank_ptr, seg_start_ptr, seg_slot_ptr, h_ptr,
-                       d_in, R, stride_x, stride_a_slot, stride_a_row, stride_h,
+    def _shrink_kernel(x_ptr, order_ptr, a_ptrs, rank_ptrs, seg_start_ptr, seg_slot_ptr, h_ptr,
+                       d_in, R, stride_x, stride_a_slot, stride_a_row, stride_h_module, stride_h,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr):
         seg = tl.program_id(0)
         start = tl.load(seg_start_ptr + seg)
         end = tl.load(seg_start_ptr + seg + 1)
         m0 = start + tl.program_id(1) * BLOCK_M
         if m0 < end:
+            module = tl.program_id(2)  # which projection of the group reading x (pointer tables, as vLLM's)
+            a_ptr = tl.load(a_ptrs + module).to(tl.pointer_type(x_ptr.dtype.element_ty))
+            rank_ptr = tl.load(rank_ptrs + module).to(tl.pointer_type(tl.int32))
+            h_ptr += module * stride_h_module
             slot = tl.load(seg_slot_ptr + seg).to(tl.int64)
             rank = tl.load(rank_ptr + slot)
             tok = m0 + tl.arange(0, BLOCK_M)  # [BM] positions in the bucket's token range
@@ -127,7 +131,12 @@ def tile_rows(max_segment: int) -> int:
 
 
 class TritonLowRank:
-    """``op(x, y, plan, slots)`` on CUDA (or on CPU tensors under TRITON_INTERPRET=1)."""
+    """``op(x, y, plan, slots)`` on CUDA (or on CPU tensors under TRITON_INTERPRET=1).
+
+    Projections reading one input (``slots.group``: q/k/v, gate/up) share the shrink launch: the first of
+    them called in a step computes h for every member (grid axis 2 over the members, their A tables and
+    rank tables reached through pointer tables), the others read their slice. The expands stay one
+    launch per module (each has its own B and output)."""
 
     name = "triton"
 
@@ -136,36 +145,68 @@ class TritonLowRank:
             raise RuntimeError("the triton backend needs the optional extra: pip install triton")
         self.block_k = block_k
         self.block_n = block_n
+        # (id of the first module, bucket) -> (that module, [2, members] int64 device pointers: A, ranks).
+        # The slot buffers are allocated once per pool, so the pointers hold; the module is kept so the
+        # id cannot be reused by another.
+        self._tables: dict[tuple[int, int], tuple[ModuleSlots, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, plan: BatchPlan, slots: ModuleSlots) -> torch.Tensor:
         if plan.buckets:
             assert plan.order is not None
             x = x.contiguous()
             for bp in plan.buckets:
-                a, bt = slots.a[bp.bucket], slots.bt[bp.bucket]  # [n_b, R, d_in], [n_b, R, d_out]
                 order = plan.order[bp.start:bp.stop]  # [n] rows of x and y
-                ranks = slots.ranks[bp.slot_base:]  # [n_b...] indexed by local slot
                 rows = tile_rows(bp.max_segment)
-                dot = rows == BLOCK_M
-                block_r = _pow2(bp.rank, least=16 if dot else 1)
-                # the small tiles hold a [rows, K, R] product: K shrinks as R grows (registers on a GPU)
-                block_k = self.block_k if dot else max(16, min(self.block_k, _pow2_floor(VEC_ELEMS // (rows * block_r))))
-                h = torch.empty(bp.num_tokens, bp.rank, device=x.device, dtype=torch.float32)  # [n, R] fp32
                 tiles = triton.cdiv(bp.max_segment, rows)
-                _shrink_kernel[(bp.num_segments, tiles)](
-                    x, order, a, ranks, bp.seg_starts, bp.seg_slots, h,
-                    slots.d_in, bp.rank, x.stride(0), a.stride(0), a.stride(1), h.stride(0),
-                    BLOCK_M=rows, BLOCK_K=block_k, BLOCK_R=block_r, DOT=dot)
+                h = self._shrink(x, plan, bp, slots, rows, tiles)  # [n, R] fp32
                 if bp.mor_rows is not None:
                     h = route(h, x.index_select(0, order.index_select(0, bp.mor_rows)), bp.mor_rows, bp.mor_index,
                               slots)
+                bt = slots.bt[bp.bucket]  # [n_b, R, d_out]
                 _expand_kernel[(bp.num_segments, tiles, triton.cdiv(slots.d_out, self.block_n))](
-                    h, bt, ranks, bp.seg_starts, bp.seg_slots, order, y,
+                    h, bt, slots.ranks[bp.slot_base:], bp.seg_starts, bp.seg_slots, order, y,
                     slots.d_out, h.stride(0), bt.stride(0), bt.stride(1), y.stride(0),
-                    BLOCK_M=rows, BLOCK_N=self.block_n, BLOCK_R=16, DOT=dot)
+                    BLOCK_M=rows, BLOCK_N=self.block_n, BLOCK_R=16, DOT=rows == BLOCK_M)
         if plan.scale_rows is not None:
             y.mul_(slots.out_scale.index_select(0, plan.scale_rows))  # [T, d_out] rows of g
         return y
+
+    def _shrink(self, x: torch.Tensor, plan: BatchPlan, bp: BucketPlan, slots: ModuleSlots, rows: int,
+                tiles: int) -> torch.Tensor:
+        """This module's h [n, R] (fp32) for bucket ``bp``: ONE launch for its whole group the first time a
+        member asks with this x in this step; a member asking twice (another forward) recomputes."""
+        group = slots.group
+        members = [slots] if group is None else group.members
+        key = ("triton-h", id(members[0]), bp.bucket)
+        index = 0 if group is None else slots.group_index
+        seen = plan.shared.get(key)
+        if seen is None or seen[0] != (x.data_ptr(), tuple(x.shape)) or index in seen[2]:
+            if x.dtype != slots.a_flat.dtype:
+                raise TypeError(f"activations are {x.dtype} but the slot buffers {slots.a_flat.dtype}")
+            a = slots.a[bp.bucket]  # [n_b, R, d_in]; every member's table has this layout
+            h = torch.empty(len(members), bp.num_tokens, bp.rank, device=x.device, dtype=torch.float32)
+            dot = rows == BLOCK_M
+            block_r = _pow2(bp.rank, least=16 if dot else 1)
+            # the small tiles hold a [rows, K, R] product: K shrinks as R grows (registers on a GPU)
+            block_k = self.block_k if dot else max(16, min(self.block_k, _pow2_floor(VEC_ELEMS // (rows * block_r))))
+            tables = self._pointer_tables(members, bp)
+            _shrink_kernel[(bp.num_segments, tiles, len(members))](
+                x, plan.order[bp.start:bp.stop], tables[0], tables[1], bp.seg_starts, bp.seg_slots, h,
+                slots.d_in, bp.rank, x.stride(0), a.stride(0), a.stride(1), h.stride(0), h.stride(1),
+                BLOCK_M=rows, BLOCK_K=block_k, BLOCK_R=block_r, DOT=dot)
+            # keyed by x's storage and shape: x stays alive in the caller while the group's members run
+            seen = plan.shared[key] = ((x.data_ptr(), tuple(x.shape)), h, set())
+        seen[2].add(index)
+        return seen[1][index]
+
+    def _pointer_tables(self, members: list[ModuleSlots], bp: BucketPlan) -> torch.Tensor:
+        key = (id(members[0]), bp.bucket)
+        kept = self._tables.get(key)
+        if kept is None:
+            ptrs = [[m.a[bp.bucket].data_ptr() for m in members], [m.ranks[bp.slot_base:].data_ptr() for m in members]]
+            kept = self._tables[key] = (members[0], torch.tensor(ptrs, dtype=torch.int64,
+                                                                 device=members[0].a_flat.device))
+        return kept[1]
 
 
 def _pow2_floor(n: int) -> int:
