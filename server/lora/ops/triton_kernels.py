@@ -7,13 +7,14 @@ Per used rank bucket, two launches over the plan's segments (one segment = the t
 
 Rows of A (and of B^T) past the module's actual rank (``slots.ranks``) are never read: the shrink masks
 them and the expand's rank loop stops at the rank, so bytes and FLOPs follow each adapter's rank. The
-expand scatters straight into y through ``order`` (every token is written by exactly one program). MoR's
-router and out_scale are cheap torch epilogues shared with the torch backend.
+expand scatters straight into y through ``order`` (every token is written by exactly one program) and
+applies out_scale (DoRA/EDoRA's g) in the same pass. MoR's router is a cheap torch step between the two
+launches, shared with the torch backend.
 
 Precision: both GEMMs accumulate in fp32, and h stays fp32 between them (an fp32 scratch, never rounded to
 the activation dtype); fp32 operands multiply as IEEE fp32 (``input_precision="ieee"``: tl.dot's default
 would round them to TF32). The expand multiplies the fp32 h by B upcast to fp32, and only y + B h is
-rounded to the output dtype, once.
+rounded to the output dtype, once (after g where the step has out_scale).
 
 Tiles: a bucket whose longest segment has at most ``DECODE_MAX`` tokens (decode steps) runs with token
 tiles of 1, 2 or 4 rows (the smallest power of two holding the segment) and a broadcast multiply-and-sum
@@ -89,9 +90,10 @@ if AVAILABLE:
             tl.store(out, acc, mask=tok_ok[:, None] & (r[None, :] < R))  # h is fp32: no rounding here
 
     @triton.jit
-    def _expand_kernel(h_ptr, bt_ptr, rank_ptr, seg_start_ptr, seg_slot_ptr, order_ptr, y_ptr,
-                       d_out, stride_h, stride_b_slot, stride_b_row, stride_y,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr):
+    def _expand_kernel(h_ptr, bt_ptr, rank_ptr, seg_start_ptr, seg_slot_ptr, order_ptr, y_ptr, g_ptr,
+                       d_out, stride_h, stride_b_slot, stride_b_row, stride_y, stride_g,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+                       SCALED: tl.constexpr):
         seg = tl.program_id(0)
         start = tl.load(seg_start_ptr + seg)
         end = tl.load(seg_start_ptr + seg + 1)
@@ -115,8 +117,11 @@ if AVAILABLE:
             rows = tl.load(order_ptr + tok, mask=tok_ok, other=0).to(tl.int64)
             out = y_ptr + rows[:, None] * stride_y + n[None, :]
             ok = tok_ok[:, None] & n_ok[None, :]
-            y = tl.load(out, mask=ok, other=0.0)
-            tl.store(out, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ok)  # the one rounding
+            y = tl.load(out, mask=ok, other=0.0).to(tl.float32) + acc
+            if SCALED:  # out_scale (DoRA, EDoRA): the slot's g, ones for slots without it
+                g = tl.load(g_ptr + slot * stride_g + n, mask=n_ok, other=1.0)  # [BN]
+                y = y * g.to(tl.float32)[None, :]
+            tl.store(out, y.to(y_ptr.dtype.element_ty), mask=ok)  # the one rounding
 
 
 def _pow2(n: int, least: int = 16) -> int:
@@ -163,13 +168,13 @@ class TritonLowRank:
                     h = route(h, x.index_select(0, order.index_select(0, bp.mor_rows)), bp.mor_rows, bp.mor_index,
                               slots)
                 bt = slots.bt[bp.bucket]  # [n_b, R, d_out]
+                g = slots.out_scale[bp.slot_base:]  # [n_b..., d_out] indexed by local slot
                 _expand_kernel[(bp.num_segments, tiles, triton.cdiv(slots.d_out, self.block_n))](
-                    h, bt, slots.ranks[bp.slot_base:], bp.seg_starts, bp.seg_slots, order, y,
-                    slots.d_out, h.stride(0), bt.stride(0), bt.stride(1), y.stride(0),
-                    BLOCK_M=rows, BLOCK_N=self.block_n, BLOCK_R=16, DOT=rows == BLOCK_M)
-        if plan.scale_rows is not None:
-            y.mul_(slots.out_scale.index_select(0, plan.scale_rows))  # [T, d_out] rows of g
-        return y
+                    h, bt, slots.ranks[bp.slot_base:], bp.seg_starts, bp.seg_slots, order, y, g,
+                    slots.d_out, h.stride(0), bt.stride(0), bt.stride(1), y.stride(0), g.stride(0),
+                    BLOCK_M=rows, BLOCK_N=self.block_n, BLOCK_R=16, DOT=rows == BLOCK_M,
+                    SCALED=plan.scale_rows is not None)
+        return y  # base tokens keep W0 x: out_scale applies to adapter tokens only, in the expand
 
     def _shrink(self, x: torch.Tensor, plan: BatchPlan, bp: BucketPlan, slots: ModuleSlots, rows: int,
                 tiles: int) -> torch.Tensor:
