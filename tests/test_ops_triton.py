@@ -51,6 +51,17 @@ def interpreted():
     importlib.reload(kernels)
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """Where the kernels run: on CPU tensors under the GPU-like interpreter, or on a GPU (``-m gpu``, as
+    bench/gpu_check runs them)."""
+    if request.param == "cpu":
+        request.getfixturevalue("interpreted")
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the kernels are interpreted in this run: run the GPU tests alone (-m gpu)")
+    return request.param
+
+
 def _gpu_like_dot(plain_dot):
     import numpy as np
     import triton.language as tl
@@ -92,19 +103,20 @@ def test_interpreted_kernels_every_form_and_long_segments(interpreted):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("counts", [[1, 1, 1, 1], [2, 1, 2, 1], [3, 1, 2, 3], [17, 1, 3, 2]])
-def test_decode_segments_match_reference(interpreted, dtype, counts):
+def test_decode_segments_match_reference(device, dtype, counts):
     """Segments of 1, 2, 3 tokens (the small-tile kernels: 1-, 2-, 4-row tiles) and 17 (16-row tl.dot
     tiles, the second tile one token), over ranks in three buckets, MoR and base tokens in the same step.
     The fp32 cases hold the kernels to fp32's tolerance: a TF32 dot would miss it."""
     specs = [("plain", 5), ("mor", 4), ("out_scale", 12), ("plain", 40)]
-    check("triton", dtype, 24, 40, specs, sum(counts) + 3, seed=len(counts) + counts[0], counts=counts)
+    check("triton", dtype, 24, 40, specs, sum(counts) + 3, seed=len(counts) + counts[0], counts=counts,
+          device=device)
 
 
 def test_tile_rows_follow_the_longest_segment(interpreted):
     assert [interpreted.tile_rows(n) for n in (1, 2, 3, 4, 5, 17, 200)] == [1, 2, 4, 4, 16, 16, 16]
 
 
-def _zero_base_op(dtype: torch.dtype, mw: ModuleWeights, x: torch.Tensor, tokens: int):
+def _zero_base_op(dtype: torch.dtype, mw: ModuleWeights, x: torch.Tensor, tokens: int, device: str):
     """y = B A x for ``tokens`` tokens of one adapter (and one base token after them) over W0 = 0, bias 0:
     the op's correction alone. Returns (y, the reference's y computed in the activation dtype)."""
     d_out, d_in = mw.lora_b.shape[0], mw.lora_a.shape[1]
@@ -112,21 +124,23 @@ def _zero_base_op(dtype: torch.dtype, mw: ModuleWeights, x: torch.Tensor, tokens
     with torch.no_grad():
         base.model.proj.weight.zero_()
         base.model.proj.bias.zero_()
-    pool = AdapterPool(base, "cpu", dtype, buckets=[(8, 2)], backend="triton")
+    base.model.to(device)
+    pool = AdapterPool(base, device, dtype, buckets=[(8, 2)], backend="triton")
     pool.install()
     slot = pool.acquire("a", lambda: adapter_of(mw, "plain"))
-    xs = torch.cat([x.expand(tokens, d_in), torch.zeros(1, d_in)]).to(dtype)  # [tokens + 1, d_in]
+    xs = torch.cat([x.expand(tokens, d_in), torch.zeros(1, d_in)]).to(device, dtype)  # [tokens + 1, d_in]
     token_slots = torch.tensor([slot] * tokens + [-1])  # a base token too: the op takes its batched path
     layer = pool.layers["proj"]
     with pool.step(token_slots):
-        y = layer(xs)
+        y = layer(xs).cpu()
     assert torch.equal(y[tokens:], torch.zeros(1, d_out, dtype=dtype))
-    return y[:tokens], reference_forward(xs, layer.weight, layer.bias, token_slots, {slot: mw})[:tokens]
+    want = reference_forward(xs.cpu(), layer.weight.cpu(), layer.bias.cpu(), token_slots, {slot: mw})
+    return y[:tokens], want[:tokens]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 17])
-def test_h_stays_fp32_between_shrink_and_expand(interpreted, dtype, tokens):
+def test_h_stays_fp32_between_shrink_and_expand(device, dtype, tokens):
     """h = A x = (1 + 2^-12, 1) and B h = h_0 - h_1 = 2^-12 (exact in every dtype). Rounded to fp16 or bf16
     between the two GEMMs, 1 + 2^-12 becomes 1 and the correction vanishes: the reference, which computes
     in the activation dtype, shows that the construction bites."""
@@ -136,13 +150,14 @@ def test_h_stays_fp32_between_shrink_and_expand(interpreted, dtype, tokens):
     a[1, 0] = 1
     x = torch.zeros(8)
     x[0], x[1] = 1, eps
-    y, rounded = _zero_base_op(dtype, ModuleWeights(a, torch.tensor([[1.0, -1.0]]).repeat(4, 1)), x, tokens)
+    y, rounded = _zero_base_op(dtype, ModuleWeights(a, torch.tensor([[1.0, -1.0]]).repeat(4, 1)), x, tokens,
+                                 device)
     assert torch.equal(y, torch.full((tokens, 4), eps, dtype=dtype))
     assert torch.equal(rounded, torch.zeros(tokens, 4, dtype=dtype))
 
 
 @pytest.mark.parametrize("tokens", [1, 17])
-def test_fp32_operands_multiply_in_ieee_fp32(interpreted, tokens):
+def test_fp32_operands_multiply_in_ieee_fp32(device, tokens):
     """x_0 = 1 + 2^-14, A = e_0, B = 1 + 2^-13: y = (1 + 2^-14)(1 + 2^-13) rounded once to fp32. A TF32 dot
     (10 mantissa bits) rounds x_0 or h in the shrink and B in the expand to 1, and y to 1 or 1 + 2^-13."""
     x = torch.zeros(8)
@@ -150,7 +165,7 @@ def test_fp32_operands_multiply_in_ieee_fp32(interpreted, tokens):
     a = torch.zeros(1, 8)
     a[0, 0] = 1
     b = torch.full((4, 1), 1 + 2.0 ** -13)
-    y, _ = _zero_base_op(torch.float32, ModuleWeights(a, b), x, tokens)
+    y, _ = _zero_base_op(torch.float32, ModuleWeights(a, b), x, tokens, device)
     want = torch.tensor((1 + 2.0 ** -14) * (1 + 2.0 ** -13), dtype=torch.float64).float()
     assert torch.equal(y, want.expand(tokens, 4))
 
@@ -160,7 +175,7 @@ GROUP_SHAPES = {"attn.q_proj": (24, 24), "attn.k_proj": (24, 8), "attn.v_proj": 
 
 
 @pytest.mark.parametrize("counts", [[1, 1, 2, 1], [17, 1, 3, 2]])
-def test_projections_sharing_an_input_share_one_shrink_launch(interpreted, monkeypatch, counts):
+def test_projections_sharing_an_input_share_one_shrink_launch(device, monkeypatch, counts):
     """q/k/v and gate/up: one shrink launch per used bucket for the whole group (o_proj alone: its own),
     each member with its own ranks (one absent), MoR and out_scale, every output equal to the reference's;
     a second forward through the same input tensor, refilled in place, recomputes instead of reading the
@@ -171,9 +186,9 @@ def test_projections_sharing_an_input_share_one_shrink_launch(interpreted, monke
     for path, (d_in, d_out) in GROUP_SHAPES.items():
         parent, name = path.split(".")
         setattr(getattr(model, parent), name, nn.Linear(d_in, d_out))
-    model.requires_grad_(False)
+    model.requires_grad_(False).to(device)
     base = BaseModel("unit", "llama", model, None, "fp", ("generate",), GROUP_SHAPES)
-    pool = AdapterPool(base, "cpu", torch.float32, buckets=[(8, 4), (16, 4), (64, 6)], mor_entries=6, backend="triton")
+    pool = AdapterPool(base, device, torch.float32, buckets=[(8, 4), (16, 4), (64, 6)], mor_entries=6, backend="triton")
     pool.install()
     modules = {}  # slot -> {path: ModuleWeights or None}
     for i, (form, rank) in enumerate([("plain", 5), ("mor", 4), ("out_scale", 12), ("plain", 40)]):
@@ -186,17 +201,18 @@ def test_projections_sharing_an_input_share_one_shrink_launch(interpreted, monke
     slots = list(modules)
     token_slots = torch.cat([torch.full((c,), s) for s, c in zip(slots, counts, strict=True)] + [torch.full((2,), -1)])
     token_slots = token_slots[torch.randperm(token_slots.numel(), generator=gen)]  # [T]
-    x = torch.randn(token_slots.numel(), 24, generator=gen)
+    x = torch.randn(token_slots.numel(), 24, generator=gen).to(device)
     launches = []
-    kernel = interpreted._shrink_kernel
-    monkeypatch.setattr(interpreted, "_shrink_kernel", _Recorder(kernel, launches))
+    kernels = importlib.import_module("server.lora.ops.triton_kernels")
+    monkeypatch.setattr(kernels, "_shrink_kernel", _Recorder(kernels._shrink_kernel, launches))
     with pool.step(token_slots) as plan:
         for forward in range(2):
             if forward:
                 x.copy_(torch.randn(x.shape, generator=gen))  # same storage, new values
             for path in GROUP_SHAPES:
-                y = pool.layers[path](x)
-                want = reference_forward(x, pool.layers[path].weight, pool.layers[path].bias, token_slots,
+                layer = pool.layers[path]
+                y = layer(x).cpu()
+                want = reference_forward(x.cpu(), layer.weight.cpu(), layer.bias.cpu(), token_slots,
                                          {s: mws[path] for s, mws in modules.items()})
                 torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4, msg=lambda m, p=path: f"{p}: {m}")
     members = sorted(grid[2] for grid in launches)
