@@ -50,10 +50,14 @@ if AVAILABLE:
 
     @triton.jit
     def _mma(a, b, DOT: tl.constexpr):
-        """a [M, K] @ b [K, N] accumulated in fp32: ``tl.dot`` in IEEE fp32 (never TF32) for 16-row tiles,
-        else one broadcast multiply and a sum over K (tiles of 1-4 rows, below tl.dot's minimum)."""
+        """a [M, K] @ b [K, N] accumulated in fp32: ``tl.dot`` for 16-row tiles (fp32 operands in IEEE fp32,
+        never TF32; fp16/bf16 products are exact in fp32 anyway, so they keep the default), else one
+        broadcast multiply and a sum over K (tiles of 1-4 rows, below tl.dot's minimum)."""
         if DOT:
-            out = tl.dot(a, b, input_precision="ieee")
+            if a.dtype == tl.float32:
+                out = tl.dot(a, b, input_precision="ieee")
+            else:
+                out = tl.dot(a, b)
         else:
             out = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
         return out
