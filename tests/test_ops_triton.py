@@ -5,7 +5,8 @@ The interpreter's ``tl.dot`` is a numpy matmul: it reads bf16 operands as their 
 and multiplies fp32 operands exactly whatever the input precision, so it could not see a kernel that
 forgot ``input_precision="ieee"``. The ``interpreted`` fixture makes its dot do what a GPU does: bf16
 operands widened to fp32 (their products are exact in fp32, as on tensor cores), fp32 operands of a TF32
-dot rounded to TF32's 10 mantissa bits first (round to nearest, ties away, as ``cvt.rna.tf32.f32``).
+dot rounded to TF32's 10 mantissa bits first (round to nearest, ties away, as ``cvt.rna.tf32.f32``), and a
+TF32x3 dot as the three TF32 dots Triton lowers it to.
 """
 
 from __future__ import annotations
@@ -68,17 +69,28 @@ def _gpu_like_dot(plain_dot):
     from triton._C.libtriton import ir
     from triton.runtime.interpreter import TensorHandle
 
-    def operand(t, precision):
+    def widen(t):
         if t.dtype.scalar == tl.bfloat16:  # stored as uint16: the high half of an fp32
             return TensorHandle((t.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        if t.dtype.scalar == tl.float32 and precision == ir.INPUT_PRECISION.TF32:
-            bits = (t.data.view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000)  # keep 10 mantissa bits
-            return TensorHandle(bits.view(np.float32), tl.float32)
         return t
 
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return plain_dot(self, operand(a, input_precision), operand(b, input_precision), d, input_precision,
-                         max_num_imprecise_acc)
+    def tf32(data):  # keep 10 mantissa bits, round to nearest, ties away
+        return ((data.view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+
+    def create_dot(self, a, b, d, precision, max_num_imprecise_acc):
+        a, b = widen(a), widen(b)
+        if a.dtype.scalar != tl.float32 or precision == ir.INPUT_PRECISION.IEEE:
+            return plain_dot(self, a, b, d, precision, max_num_imprecise_acc)
+        big_a, big_b = tf32(a.data), tf32(b.data)
+        parts = [(big_a, big_b)]
+        if precision == ir.INPUT_PRECISION.TF32x3:  # as Triton's F32DotTC: small*big + big*small + big*big
+            parts = [(tf32(a.data - big_a), big_b), (big_a, tf32(b.data - big_b))] + parts
+        else:
+            assert precision == ir.INPUT_PRECISION.TF32, precision
+        for x, y in parts:
+            d = plain_dot(self, TensorHandle(x, tl.float32), TensorHandle(y, tl.float32), d, precision,
+                          max_num_imprecise_acc)
+        return d
 
     return create_dot
 

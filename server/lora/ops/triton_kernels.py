@@ -12,9 +12,10 @@ applies out_scale (DoRA/EDoRA's g) in the same pass. MoR's router is a cheap tor
 launches, shared with the torch backend.
 
 Precision: both GEMMs accumulate in fp32, and h stays fp32 between them (an fp32 scratch, never rounded to
-the activation dtype); fp32 operands multiply as IEEE fp32 (``input_precision="ieee"``: tl.dot's default
-would round them to TF32). The expand multiplies the fp32 h by B upcast to fp32, and only y + B h is
-rounded to the output dtype, once (after g where the step has out_scale).
+the activation dtype). With fp32 activations every dot is IEEE fp32 (``input_precision="ieee"``: tl.dot's
+default would round the operands to TF32). The expand multiplies the fp32 h by B widened to fp32 (exact
+in TF32 for 16-bit B: "tf32x3", see ``dot_precision``), and only g * (y + B h) is rounded to the output
+dtype, once.
 
 Tiles: a bucket whose longest segment has at most ``DECODE_MAX`` tokens (decode steps) runs with token
 tiles of 1, 2 or 4 rows (the smallest power of two holding the segment) and a broadcast multiply-and-sum
@@ -49,15 +50,12 @@ VEC_ELEMS = 4096  # bound on the [rows, K, R] products a small-tile program hold
 if AVAILABLE:
 
     @triton.jit
-    def _mma(a, b, DOT: tl.constexpr):
-        """a [M, K] @ b [K, N] accumulated in fp32: ``tl.dot`` for 16-row tiles (fp32 operands in IEEE fp32,
-        never TF32; fp16/bf16 products are exact in fp32 anyway, so they keep the default), else one
-        broadcast multiply and a sum over K (tiles of 1-4 rows, below tl.dot's minimum)."""
+    def _mma(a, b, DOT: tl.constexpr, PRECISION: tl.constexpr):
+        """a [M, K] @ b [K, N] accumulated in fp32: ``tl.dot`` at ``PRECISION`` (``dot_precision``) for
+        16-row tiles, else one broadcast multiply and a sum over K in fp32 (tiles of 1-4 rows, below
+        tl.dot's minimum)."""
         if DOT:
-            if a.dtype == tl.float32:
-                out = tl.dot(a, b, input_precision="ieee")
-            else:
-                out = tl.dot(a, b)
+            out = tl.dot(a, b, input_precision=PRECISION)
         else:
             out = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
         return out
@@ -65,7 +63,8 @@ if AVAILABLE:
     @triton.jit
     def _shrink_kernel(x_ptr, order_ptr, a_ptrs, rank_ptrs, seg_start_ptr, seg_slot_ptr, h_ptr,
                        d_in, R, stride_x, stride_a_slot, stride_a_row, stride_h_module, stride_h,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+                       PRECISION: tl.constexpr):
         seg = tl.program_id(0)
         start = tl.load(seg_start_ptr + seg)
         end = tl.load(seg_start_ptr + seg + 1)
@@ -89,7 +88,7 @@ if AVAILABLE:
                             mask=tok_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
                 a = tl.load(a_ptr + slot * stride_a_slot + r[None, :] * stride_a_row + k[:, None],
                             mask=(r[None, :] < rank) & k_ok[:, None], other=0.0)  # [BK, BR] = A^T tile
-                acc += _mma(x, a, DOT)
+                acc += _mma(x, a, DOT, PRECISION)
             out = h_ptr + tok[:, None] * stride_h + r[None, :]
             tl.store(out, acc, mask=tok_ok[:, None] & (r[None, :] < R))  # h is fp32: no rounding here
 
@@ -97,7 +96,7 @@ if AVAILABLE:
     def _expand_kernel(h_ptr, bt_ptr, rank_ptr, seg_start_ptr, seg_slot_ptr, order_ptr, y_ptr, g_ptr,
                        d_out, stride_h, stride_b_slot, stride_b_row, stride_y, stride_g,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
-                       SCALED: tl.constexpr):
+                       PRECISION: tl.constexpr, SCALED: tl.constexpr):
         seg = tl.program_id(0)
         start = tl.load(seg_start_ptr + seg)
         end = tl.load(seg_start_ptr + seg + 1)
@@ -117,7 +116,7 @@ if AVAILABLE:
                             mask=tok_ok[:, None] & r_ok[None, :], other=0.0)  # [BM, BR] fp32
                 b = tl.load(bt_ptr + slot * stride_b_slot + r[:, None] * stride_b_row + n[None, :],
                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BR, BN]
-                acc += _mma(h, b.to(tl.float32), DOT)
+                acc += _mma(h, b.to(tl.float32), DOT, PRECISION)
             rows = tl.load(order_ptr + tok, mask=tok_ok, other=0).to(tl.int64)
             out = y_ptr + rows[:, None] * stride_y + n[None, :]
             ok = tok_ok[:, None] & n_ok[None, :]
@@ -137,6 +136,18 @@ def tile_rows(max_segment: int) -> int:
     power of two holding it when it is a decode segment (<= DECODE_MAX: the dot-free kernels), else
     BLOCK_M (the tl.dot kernels)."""
     return _pow2(max_segment, least=1) if max_segment <= DECODE_MAX else BLOCK_M
+
+
+def dot_precision(dtype: torch.dtype, expand: bool) -> str:
+    """``tl.dot``'s input precision for activations of ``dtype``. fp32: "ieee" (the default, TF32, would
+    round both operands to 10 mantissa bits). fp16/bf16: the shrink's operands are 16-bit, their products
+    exact in fp32 whatever the setting; the expand's are h (fp32) and B widened from 16 bits, which TF32
+    holds exactly (bf16 has 7 mantissa bits, fp16 10, TF32 10), so "tf32x3" (h as two TF32 parts, three
+    tensor-core MMAs) loses only h's bits past about the 21st, where "ieee" would leave the tensor cores
+    for the CUDA cores (a prefill-sized expand would then cost a sizeable fraction of the base GEMM)."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "tf32x3" if expand else "tf32"
 
 
 class TritonLowRank:
@@ -177,6 +188,7 @@ class TritonLowRank:
                     h, bt, slots.ranks[bp.slot_base:], bp.seg_starts, bp.seg_slots, order, y, g,
                     slots.d_out, h.stride(0), bt.stride(0), bt.stride(1), y.stride(0), g.stride(0),
                     BLOCK_M=rows, BLOCK_N=self.block_n, BLOCK_R=16, DOT=rows == BLOCK_M,
+                    PRECISION=dot_precision(y.dtype, expand=True),
                     SCALED=plan.scale_rows is not None)
         return y  # base tokens keep W0 x: out_scale applies to adapter tokens only, in the expand
 
@@ -202,7 +214,8 @@ class TritonLowRank:
             _shrink_kernel[(bp.num_segments, tiles, len(members))](
                 x, plan.order[bp.start:bp.stop], tables[0], tables[1], bp.seg_starts, bp.seg_slots, h,
                 slots.d_in, bp.rank, x.stride(0), a.stride(0), a.stride(1), h.stride(0), h.stride(1),
-                BLOCK_M=rows, BLOCK_K=block_k, BLOCK_R=block_r, DOT=dot)
+                BLOCK_M=rows, BLOCK_K=block_k, BLOCK_R=block_r, DOT=dot,
+                PRECISION=dot_precision(x.dtype, expand=False))
             # keyed by x's storage and shape: x stays alive in the caller while the group's members run
             seen = plan.shared[key] = ((x.data_ptr(), tuple(x.shape)), h, set())
         seen[2].add(index)
