@@ -191,7 +191,7 @@ def test_projections_sharing_an_input_share_one_shrink_launch(device, monkeypatc
     """q/k/v and gate/up: one shrink launch per used bucket for the whole group (o_proj alone: its own),
     each member with its own ranks (one absent), MoR and out_scale, every output equal to the reference's;
     a second forward through the same input tensor, refilled in place, recomputes instead of reading the
-    first forward's h."""
+    first forward's h; the shared h leaves the plan once every member has read it."""
     gen = torch.Generator().manual_seed(sum(counts))
     model = nn.Module()
     model.attn, model.mlp = nn.Module(), nn.Module()
@@ -227,6 +227,7 @@ def test_projections_sharing_an_input_share_one_shrink_launch(device, monkeypatc
                 want = reference_forward(x.cpu(), layer.weight.cpu(), layer.bias.cpu(), token_slots,
                                          {s: mws[path] for s, mws in modules.items()})
                 torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4, msg=lambda m, p=path: f"{p}: {m}")
+    assert not [k for k in plan.shared if isinstance(k, tuple) and k[0] == "triton-h"]  # freed once all read
     members = sorted(grid[2] for grid in launches)
     per_forward = len(plan.buckets)
     assert members == [1] * 2 * per_forward + [2] * 2 * per_forward + [3] * 2 * per_forward

@@ -2,8 +2,11 @@
 
 Per used rank bucket, two launches over the plan's segments (one segment = the tokens of one slot):
 
-    shrink  grid (segments, token tiles):          h[tok, :R] = A[slot] @ x[order[tok]]       fp32 acc
-    expand  grid (segments, token tiles, N tiles): y[order[tok], n] += B[slot][n, :] @ h[tok] fp32 acc
+    shrink  grid (segments, token tiles, modules):  h[m, tok, :R] = A_m[slot] @ x[order[tok]]  fp32 acc
+    expand  grid (segments, token tiles, N tiles):  y[order[tok], n] += B[slot][n, :] @ h[tok]  fp32 acc
+
+The shrink's third axis runs over the projections that read the same input (q/k/v, gate/up): one launch
+computes h for all of them (``TritonLowRank._shrink``).
 
 Rows of A (and of B^T) past the module's actual rank (``slots.ranks``) are never read: the shrink masks
 them and the expand's rank loop stops at the rank, so bytes and FLOPs follow each adapter's rank. The
@@ -23,7 +26,8 @@ instead of ``tl.dot``, which needs 16 rows: a one-token segment no longer comput
 segments use 16-row ``tl.dot`` tiles. Both variants are one kernel each (``DOT`` is a compile-time switch).
 
 These kernels have run only under the Triton interpreter (CPU, ``TRITON_INTERPRET=1``; tests/
-test_ops_triton.py), never on a GPU: their speed there is unmeasured.
+test_ops_triton.py) and been compiled for sm_90 without a GPU (tests/test_ops_triton_compile.py), never
+run on a GPU: their speed there is unmeasured.
 """
 
 from __future__ import annotations
@@ -195,7 +199,8 @@ class TritonLowRank:
     def _shrink(self, x: torch.Tensor, plan: BatchPlan, bp: BucketPlan, slots: ModuleSlots, rows: int,
                 tiles: int) -> torch.Tensor:
         """This module's h [n, R] (fp32) for bucket ``bp``: ONE launch for its whole group the first time a
-        member asks with this x in this step; a member asking twice (another forward) recomputes."""
+        member asks with this x in this step, kept in the plan until every member has read it; a member
+        asking twice (another forward) recomputes."""
         group = slots.group
         members = [slots] if group is None else group.members
         key = ("triton-h", id(members[0]), bp.bucket)
@@ -219,6 +224,8 @@ class TritonLowRank:
             # keyed by x's storage and shape: x stays alive in the caller while the group's members run
             seen = plan.shared[key] = ((x.data_ptr(), tuple(x.shape)), h, set())
         seen[2].add(index)
+        if len(seen[2]) == len(members):  # all read: free it now, not at the end of the step
+            del plan.shared[key]
         return seen[1][index]
 
     def _pointer_tables(self, members: list[ModuleSlots], bp: BucketPlan) -> torch.Tensor:
