@@ -53,6 +53,14 @@ VEC_ELEMS = 4096  # bound on the [rows, K, R] products a small-tile program hold
 
 if AVAILABLE:
 
+    # Builtins only (tl.full, tl.reduce; not tl.zeros, tl.sum): triton.language's own @jit helpers are fixed
+    # at triton's import, so a process that imported triton before setting TRITON_INTERPRET (a test
+    # session) could not interpret these kernels.
+
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
     @triton.jit
     def _mma(a, b, DOT: tl.constexpr, PRECISION: tl.constexpr):
         """a [M, K] @ b [K, N] accumulated in fp32: ``tl.dot`` at ``PRECISION`` (``dot_precision``) for
@@ -61,7 +69,7 @@ if AVAILABLE:
         if DOT:
             out = tl.dot(a, b, input_precision=PRECISION)
         else:
-            out = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+            out = tl.reduce(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1, _add)
         return out
 
     @triton.jit
@@ -84,7 +92,7 @@ if AVAILABLE:
             tok_ok = tok < end
             rows = tl.load(order_ptr + tok, mask=tok_ok, other=0).to(tl.int64)  # [BM] rows of x
             r = tl.arange(0, BLOCK_R)
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
             for k0 in range(0, d_in, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
                 k_ok = k < d_in
@@ -112,7 +120,7 @@ if AVAILABLE:
             tok_ok = tok < end
             n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < d_out
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
             for r0 in range(0, rank, BLOCK_R):  # stops at this module's rank, not the bucket's
                 r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = r < rank
