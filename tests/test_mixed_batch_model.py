@@ -45,13 +45,13 @@ def alone(base, adapter: CompiledAdapter | None) -> nn.Module:
     return model
 
 
-def run_mixed(base, task: str, out) -> None:
+def run_mixed(base, task: str, out, backend: str | None = None) -> None:
     assert {m for m, _, _ in ADAPTERS} == set(METHODS)
     base = copy.copy(base)
     base.model = copy.deepcopy(base.model)
     adapters = [random_adapter(base, m, rank=r, seed=10 + i, variable_rank=v, task=task, std=0.08)
                 for i, (m, r, v) in enumerate(ADAPTERS)]
-    pool = AdapterPool(base, "cpu", torch.float32, buckets=[(8, 4), (16, 2), (32, 3)])
+    pool = AdapterPool(base, "cpu", torch.float32, buckets=[(8, 4), (16, 2), (32, 3)], backend=backend)
     pool.install()
     slots = [pool.acquire(f"k{i}", lambda a=a: a) for i, a in enumerate(adapters)]
     rows = [*zip(slots, adapters, strict=True), (-1, None)]  # the last row runs the base alone

@@ -74,7 +74,10 @@ def adapter_of(mw: ModuleWeights | None, form: str) -> CompiledAdapter:
 
 
 def check(backend: str, dtype: torch.dtype, d_in: int, d_out: int, specs: list[tuple[str, int]], T: int,
-          seed: int, shape3d: bool = False, device: str = "cpu", with_base: bool = True) -> None:
+          seed: int, shape3d: bool = False, device: str = "cpu", with_base: bool = True,
+          counts: list[int] | None = None) -> None:
+    """``counts``: tokens of each adapter of ``specs`` (the rest of the T tokens base-only, the order
+    shuffled); by default each token draws its adapter (or the base) at random."""
     gen = torch.Generator().manual_seed(seed)
     base = one_linear_base(d_in, d_out, dtype, seed)
     base.model.to(device)
@@ -84,7 +87,11 @@ def check(backend: str, dtype: torch.dtype, d_in: int, d_out: int, specs: list[t
     mws = [module_of(form, rank, d_in, d_out, gen) for form, rank in specs]
     slots = [pool.acquire(f"a{i}", lambda mw=mw, f=f: adapter_of(mw, f[0]))
              for i, (mw, f) in enumerate(zip(mws, specs, strict=True))]
-    choice = torch.randint(-1 if with_base else 0, len(slots), (T,), generator=gen)
+    if counts is None:
+        choice = torch.randint(-1 if with_base else 0, len(slots), (T,), generator=gen)
+    else:
+        choice = torch.cat([torch.full((c,), i) for i, c in enumerate(counts)] + [torch.full((T - sum(counts),), -1)])
+        choice = choice[torch.randperm(T, generator=gen)]
     token_slots = torch.tensor([-1] + slots)[choice + 1]  # [T], -1 = base
     x = torch.randn(T, d_in, generator=gen).to(device, dtype)
     layer = pool.layers["proj"]
