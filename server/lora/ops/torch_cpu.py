@@ -67,13 +67,14 @@ STRATEGIES = ("auto", "grouped", "gather", "dense", "segments", "bgmv")
 #   bgmv     c0 + c1 * N*R*D                 (the same rows, read in place by the fused kernel)
 #   dense    c0 + c1 * T*K*R*D               (two GEMMs over all T tokens; the K adapters' rows are kept)
 #   grouped  c0 * buckets + c1 * T_a*R*D + c2 * K   (each adapter read once, a fixed cost per group)
-#   segments c0 + c2 * n + c1 * K*M*R*D_group     (per projection group of n members; K*M padded places)
+#   segments c0 + c2 * n + c1 * K*M*R*D_group + c3 * K*R*D_group
+#            (per projection group of n members; K*M padded places; c3: the K adapters' kept rows read)
 # Least-squares fit (relative error; median 13-18%) of bench/bench_op_choice.py, torch 2.13, one thread,
 # thread CPU time: d 256x256, 256x688, 576x1536, 2048x2048, ranks 8 and 16, 2-32 adapters, 1-128 tokens
-# per adapter (2026-12-02; bgmv from a second run, median error 8%). segments' fixed cost is split between the group (x gather, shrink) and each
+# per adapter (2026-12-02; bgmv and segments from a second run, median error 8% and 18%). segments' fixed cost is split between the group (x gather, shrink) and each
 # member (expand, scatter) by their call counts. Only the ratios between formulations matter for the choice.
 COST = {"gather": (25.0, 1.40e-4), "dense": (7.9, 1.48e-5), "grouped": (22.3, 6.07e-5, 4.05),
-        "segments": (10.9, 3.47e-5, 6.0), "bgmv": (3.1, 6.9e-5)}
+        "segments": (9.3, 3.48e-5, 6.0, 3.91e-5), "bgmv": (3.1, 6.9e-5)}
 
 
 def costs(plan: BatchPlan, shapes: list[tuple[int, int]], grouped_ok: bool, bgmv_ok: bool = False) -> dict[str, float]:
@@ -92,9 +93,10 @@ def costs(plan: BatchPlan, shapes: list[tuple[int, int]], grouped_ok: bool, bgmv
         c0, c1 = COST["dense"]
         out["dense"] = c0 + c1 * plan.num_tokens * plan.dense_mask.shape[1] * sum(a + b for a, b in shapes)
     if plan.seg_index is not None:
-        c0, c1, c2 = COST["segments"]
-        R = plan.kept_key[2]  # type: ignore[index]
-        out["segments"] = c0 + c2 * len(shapes) + c1 * plan.seg_index.shape[0] * R * sum(a + b for a, b in shapes)
+        c0, c1, c2, c3 = COST["segments"]
+        R, K = plan.kept_key[2], len(plan.kept_key[1])  # type: ignore[index]
+        width = R * sum(a + b for a, b in shapes)
+        out["segments"] = c0 + c2 * len(shapes) + c1 * plan.seg_index.shape[0] * width + c3 * K * width
     if grouped_ok:
         c0, c1, c2 = COST["grouped"]
         work = sum(bp.num_tokens * bp.rank for bp in plan.buckets)
