@@ -190,7 +190,7 @@ class AdapterStore:
             if staged.size > self.limits.max_file_bytes:
                 raise AdapterTooLarge(f"adapter of {staged.size} bytes exceeds the cap of {self.limits.max_file_bytes}")
             try:
-                adapter = validate_bytes(staged.path, base, self.limits)
+                adapter = validate_bytes(staged.path, base, self.limits, staged.digest)
             except AdapterFormatError as e:
                 raise _invalid(e) from None
             ranks = {p: mw.rank for p, mw in adapter.modules.items()}
@@ -320,7 +320,7 @@ class AdapterStore:
                 raise InvalidAdapter(f"adapter {name!r}: the file's sha256 {actual[:12]} differs from the "
                                      f"indexed {indexed[:12]}: it changed on disk")
         try:
-            return validate_bytes(data, base, self.limits)
+            return validate_bytes(data, base, self.limits, actual)
         except AdapterFormatError as e:
             raise _invalid(e) from None
 

@@ -10,6 +10,8 @@ offsets before anything is allocated), then tensors and metadata against the bas
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,9 +197,14 @@ def validate(adapter: CompiledAdapter, base: BaseModel | None, limits: Limits | 
         raise AdapterFormatError(problems)
 
 
-def validate_bytes(data: bytes | str | Path, base: BaseModel | None, limits: Limits | None = None) -> CompiledAdapter:
+def validate_bytes(data: bytes | str | Path, base: BaseModel | None, limits: Limits | None = None,
+                   digest: str | None = None) -> CompiledAdapter:
     """A compiled adapter's bytes, or its file, -> CompiledAdapter, or one AdapterFormatError listing every
-    problem. A file is read in place (load_tensors maps it): validating N bytes takes about N of memory."""
+    problem. A file is read in place (load_tensors maps it): validating N bytes takes about N of memory.
+
+    ``digest``: the bytes' sha256, already checked by the caller. Bytes with a digest that passed every
+    check against this base and these limits earlier in this process (an upload, then its reloads after
+    eviction) skip the per-value checks: the container checks and the parse still run."""
     limits = limits or Limits()
     size = len(data) if isinstance(data, bytes) else Path(data).stat().st_size
     if size > limits.max_file_bytes:
@@ -205,7 +212,25 @@ def validate_bytes(data: bytes | str | Path, base: BaseModel | None, limits: Lim
     if looks_pickled(data):
         raise PickleRefused("the file is a pickle/zip payload (torch.save?), not safetensors; refused, never opened")
     _, header_meta = read_header(data, limits.max_header_bytes)  # container checks; raises on its own
-    return _validated(header_meta, lambda: load_tensors(data), base, limits)
+    key = None if digest is None else (digest, None if base is None else (base.name, base.fingerprint), limits)
+    with _PASSED_LOCK:
+        known = key is not None and key in _PASSED
+        if known:
+            _PASSED.move_to_end(key)
+    if known:
+        return from_state_dict(load_tensors(data), AdapterMeta.from_header(header_meta))
+    adapter = _validated(header_meta, lambda: load_tensors(data), base, limits)
+    if key is not None:
+        with _PASSED_LOCK:
+            _PASSED[key] = None
+            while len(_PASSED) > PASSED_MAX:
+                _PASSED.popitem(last=False)
+    return adapter
+
+
+PASSED_MAX = 1 << 16  # digests remembered as validated (a few MB)
+_PASSED: OrderedDict[tuple, None] = OrderedDict()  # (sha256, base, limits) that passed, oldest first
+_PASSED_LOCK = threading.Lock()  # loader threads and upload handlers validate concurrently
 
 
 def _validated(header_meta: dict[str, str], load_tensors: Callable[[], dict[str, torch.Tensor]],

@@ -215,3 +215,28 @@ def test_count_nonfinite_counts_exactly_even_when_the_sum_overflows(dtype):
     t[7] = -float("inf")
     t[8] = float("inf")  # inf + -inf in one chunk: the sum is NaN, still counted
     assert count_nonfinite(t) == 5
+
+
+def test_bytes_validated_once_skip_the_value_checks_on_reload_only_for_the_same_base_and_limits(
+        tmp_path, tiny_llama, monkeypatch):
+    """A reload of bytes (same sha256) that passed against this base and these limits skips the per-value
+    checks; other limits, another base, or bytes never validated are checked in full."""
+    import adapters_store.validate as validate
+    from adapters_store.store import AdapterStore
+    from adapters_store.synth import random_adapter
+
+    store = AdapterStore(tmp_path)
+    store.put("a", random_adapter(tiny_llama, "lora", rank=2, seed=11).to_bytes(), base=tiny_llama)
+    store.put("b", random_adapter(tiny_llama, "lora", rank=2, seed=12).to_bytes())  # validated without a base
+    calls: list[str] = []
+    real = validate.check
+    monkeypatch.setattr(validate, "check", lambda ad, base, limits: calls.append("check") or real(ad, base, limits))
+    loaded = store.load("a", base=tiny_llama)
+    assert calls == [] and set(loaded.modules) == set(tiny_llama.targets)  # the upload's validation stands
+    store.load("b", base=tiny_llama)  # passed without a base only: checked against this one now
+    assert calls == ["check"]
+    store.load("b", base=tiny_llama)
+    assert calls == ["check"]
+    store.limits = validate.Limits(max_rank=1)
+    with pytest.raises(Exception, match="rank"):  # stricter limits: checked again, and refused
+        store.load("a", base=tiny_llama)
