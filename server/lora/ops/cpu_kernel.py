@@ -13,9 +13,9 @@ other formulations serve those).
 
 The extension is compiled with torch's ``cpp_extension`` (g++ and ninja, both on the machine) on first use,
 about 30 s, into a directory of torch's extension cache named after the source, torch, Python and the CPU
-(``-march=native``), then loaded from there in well under a second. A process killed mid-build leaves
-torch's lock file behind, which would make every later build wait forever: a lock older than
-``STALE_LOCK_S`` is removed first. ``start()``
+(``-march=native``), then loaded from there in well under a second. Builds of several processes are
+serialised by an ``flock`` (released by the kernel when its holder dies), and under it any lock file of
+torch's own is one left by a process killed mid-build: it is removed, so it never blocks a build. ``start()``
 builds it on a background thread so that nothing waits for it: until it is ready ``get()`` returns None
 and the op keeps to its torch formulations. ``RANKSERVE_CPU_KERNEL=0`` turns it off; a failed build is
 logged once and leaves the torch formulations in charge.
@@ -23,12 +23,12 @@ logged once and leaves the torch formulations in charge.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import platform
 import threading
-import time
 from pathlib import Path
 
 log = logging.getLogger("rankserve.lora")
@@ -89,7 +89,6 @@ void bgmv_(const torch::Tensor& x, torch::Tensor& y, const torch::Tensor& a, con
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("bgmv_", &bgmv_, "fused gathered low-rank correction, in place"); }
 """
 
-STALE_LOCK_S = 300.0  # a build takes ~30 s on 2 busy cores; a lock this old belongs to a dead process
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module" once built, "error" if the build failed, "thread" while building
 
@@ -124,12 +123,14 @@ def _build() -> None:
 
         where = build_directory()
         where.mkdir(parents=True, exist_ok=True)
-        lock = where / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            log.warning("removing a stale build lock %s (a process died while building)", lock)
-            lock.unlink(missing_ok=True)
-        module = load_inline(name="rankserve_bgmv", cpp_sources=SOURCE, build_directory=str(where),
-                             extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+        with open(where / "rankserve.flock", "a+") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # one builder at a time; a dead holder's lock is released
+            stale = where / "lock"  # torch's FileBaton: nobody else is building, so it is a dead process's
+            if stale.exists():
+                log.warning("removing %s, left by a process that died while building", stale)
+                stale.unlink(missing_ok=True)
+            module = load_inline(name="rankserve_bgmv", cpp_sources=SOURCE, build_directory=str(where),
+                                 extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
         _state["module"] = module
         log.info("fused CPU low-rank kernel ready")
     except Exception as e:  # no compiler, no ninja, no headers: the torch formulations serve
