@@ -77,7 +77,11 @@ class LiveServer:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         if wait_ready:
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except BaseException:  # never leave a server behind: ``with`` calls no __exit__ when start fails
+                self.stop(signal.SIGKILL, timeout=5)
+                raise
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> None:
