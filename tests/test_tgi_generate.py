@@ -142,3 +142,7 @@ def test_errors_in_lorax_shape(live):
     assert r.status_code == 400 and "inputs" in r.json()["error"]
     r = httpx.post(live.url + "/generate", json={"inputs": PROMPT, "stream": True}, timeout=60)
     assert r.status_code == 400 and "generate_stream" in r.json()["error"]
+    for raw in (b"\x80", b'{"inputs": "\xff"}', b"{not json"):  # fuzzing found a 500 for the first
+        r = httpx.post(live.url + "/generate", content=raw, headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error_type"] == "validation", (raw, r.text)
+        assert "malformed JSON" in r.json()["error"]

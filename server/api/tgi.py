@@ -129,6 +129,8 @@ async def _parse(request: Request) -> TgiRequest:
         return TgiRequest.model_validate(json.loads(await request.body()))
     except json.JSONDecodeError as e:
         raise InvalidParameter(f"malformed JSON: {e}") from None
+    except UnicodeDecodeError as e:  # json.loads decodes bytes first: not UTF-8 (or -16/-32) at all
+        raise InvalidParameter(f"malformed JSON: the body is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ()))
