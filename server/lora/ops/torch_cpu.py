@@ -71,8 +71,9 @@ STRATEGIES = ("auto", "grouped", "gather", "dense", "segments", "bgmv")
 #            (per projection group of n members; K*M padded places; c3: the K adapters' kept rows read)
 # Least-squares fit (relative error; median 13-18%) of bench/bench_op_choice.py, torch 2.13, one thread,
 # thread CPU time: d 256x256, 256x688, 576x1536, 2048x2048, ranks 8 and 16, 2-32 adapters, 1-128 tokens
-# per adapter (2026-12-02; bgmv and segments from a second run, median error 8% and 18%). segments' fixed cost is split between the group (x gather, shrink) and each
-# member (expand, scatter) by their call counts. Only the ratios between formulations matter for the choice.
+# per adapter (2026-12-02; bgmv and segments from a second run, median error 8% and 18%). segments' fixed
+# cost is split between the group (x gather, shrink) and each member (expand, scatter) by their call
+# counts. Only the ratios between formulations matter for the choice.
 COST = {"gather": (25.0, 1.40e-4), "dense": (7.9, 1.48e-5), "grouped": (22.3, 6.07e-5, 4.05),
         "segments": (9.3, 3.48e-5, 6.0, 3.91e-5), "bgmv": (3.1, 6.9e-5)}
 
@@ -147,10 +148,11 @@ class TorchLowRank:
         return y
 
     def choose(self, plan: BatchPlan, slots: ModuleSlots, itemsize: int) -> str:
-        """single, dense, gather, grouped or bucket, for this step and the module's group of projections
-        reading one input (one choice for the whole group; cached in the plan per group shape)."""
+        """single, dense, segments, bgmv, gather, grouped or bucket, for this step and the module's group of
+        projections reading one input (one choice for the whole group; cached in the plan per group shape
+        and per whether the fused kernel can serve: built, and fp32 slots)."""
         shapes = ((slots.d_in, slots.d_out),) if slots.group is None else slots.group.shapes
-        kernel = cpu_kernel.get() is not None
+        kernel = slots.a_flat.dtype == torch.float32 and cpu_kernel.get() is not None
         key = (self.strategy, shapes, kernel)
         form = plan.choices.get(key)
         if form is None:
