@@ -59,6 +59,20 @@ class MemStore:
         self.items.pop(adapter_id)
 
 
+def record_preemptions(eng) -> list:
+    """The requests the engine's scheduler preempts from now on, appended as it happens."""
+    preempted: list = []
+    inner = eng.scheduler.schedule
+
+    def spy():
+        batch = inner()
+        preempted.extend(batch.preempted)
+        return batch
+
+    eng.scheduler.schedule = spy
+    return preempted
+
+
 def prompts(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(6, 500, (n,), generator=g).tolist() for n in lengths]
@@ -367,15 +381,7 @@ def test_preemption_under_a_small_cache_is_invisible_to_clients(make_engine):
     assert total_blocks == 10
     ps = prompts([10, 12, 9, 11, 10, 13], seed=9)
     alone = [collect(eng.submit_generate(greedy(p, 30))).tokens for p in ps]
-    preempted = []
-    inner = eng.scheduler.schedule
-
-    def spy():
-        batch = inner()
-        preempted.extend(batch.preempted)
-        return batch
-
-    eng.scheduler.schedule = spy
+    preempted = record_preemptions(eng)
     handles = [eng.submit_generate(greedy(p, 30)) for p in ps]  # 6 x ~40 tokens in an 80-token cache
     assert [collect(h).tokens for h in handles] == alone
     assert preempted  # the cache really ran out and requests were recomputed

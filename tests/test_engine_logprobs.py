@@ -9,7 +9,7 @@ import pytest
 
 from server.common.errors import InvalidParameter, QueueFull
 from server.engine import GenerateParams
-from tests.test_engine import collect, make_engine, prompts  # noqa: F401  (make_engine: test_engine's fixture)
+from tests.test_engine import collect, make_engine, prompts, record_preemptions  # noqa: F401  (make_engine: test_engine's fixture)
 from tests.util_reference import reference_logprobs
 
 
@@ -48,15 +48,7 @@ def test_scoring_only_returns_the_prompt_logprobs_and_no_token(make_engine, tiny
 def test_prompt_logprobs_survive_a_preemption(make_engine, tiny_llama):
     per_token = 2 * 2 * 2 * 16 * 4  # tiny-llama: layers x (k, v) x kv heads x head dim x fp32
     eng = make_engine(max_model_len=64, kv_cache_bytes=80 * per_token, kv_block_size=8)
-    preempted = []
-    inner = eng.scheduler.schedule
-
-    def spy():
-        batch = inner()
-        preempted.extend(batch.preempted)
-        return batch
-
-    eng.scheduler.schedule = spy
+    preempted = record_preemptions(eng)
     ps = prompts([10, 12, 9, 11, 10, 13], seed=9)
     handles = [eng.submit_generate(GenerateParams(p, max_tokens=30, temperature=0.0, ignore_eos=True,
                                                   prompt_logprobs=1)) for p in ps]  # 6 x ~40 tokens, 80 in cache
