@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_ab_engine import Store, base_model  # noqa: E402
-from bench_serving import floor_seconds, peaks  # noqa: E402
+from bench_serving import floor_seconds, peaks, wait_for_cpu_kernel  # noqa: E402
 
 from adapters_store.store import AdapterStore  # noqa: E402
 from adapters_store.synth import random_adapter  # noqa: E402
@@ -199,13 +199,17 @@ def cold(args, pf: float, bw: float) -> None:
     warm = engine_for(base_model(256, 4), store)
     coldeng = engine_for(base_model(256, 4), AdapterStore(tmp / "store"))
     n = min(args.cold, args.cold_requests)
+    streams = min(args.streams, n)
     fresh = iter(range(args.cold))
-    runs: dict[str, list[dict]] = {"base": [], "5 warm adapters": [], f"each request a cold adapter (of {args.cold})": []}
+    spread = f"{streams} warm adapters"
+    runs: dict[str, list[dict]] = {"base": [], "5 warm adapters": [], spread: [],
+                                   f"each request a cold adapter (of {args.cold})": []}
     try:
-        run(warm, [f"c{i % 5}" for i in range(n)], args.tokens)  # warm up the 5
+        run(warm, [f"c{i % streams}" for i in range(n)], args.tokens)  # warm up the first --streams
         for _ in range(args.rounds):
             runs["base"].append(run(warm, [None] * n, args.tokens))
             runs["5 warm adapters"].append(run(warm, [f"c{i % 5}" for i in range(n)], args.tokens))
+            runs[spread].append(run(warm, [f"c{i % streams}" for i in range(n)], args.tokens))
             ids = [f"c{next(fresh, None)}" for _ in range(n)]
             if "cNone" in ids:
                 break
@@ -216,10 +220,10 @@ def cold(args, pf: float, bw: float) -> None:
     # Floors per wave of --streams requests (the engine runs that many at once), times the waves: a step
     # reads the base and the adapters of the requests it runs, never all of the round's.
     waves = -(-n // args.streams)
-    streams = min(args.streams, n)
     cold_name = f"each request a cold adapter (of {args.cold})"
     floors = {"base": waves * floor_of(base, wave, [None] * streams, args.tokens, pf, bw),
               "5 warm adapters": waves * floor_of(base, wave, [f"c{i % 5}" for i in range(streams)], args.tokens, pf, bw),
+              spread: waves * floor_of(base, wave, list(wave)[:streams], args.tokens, pf, bw),
               cold_name: waves * floor_of(base, wave, list(wave)[:streams], args.tokens, pf, bw)}
     table(f"cold adapters: hidden 256, 4 layers, {n} requests at once x {args.tokens} tokens, a real store on disk",
           runs, floors, args.tokens)
@@ -239,6 +243,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.cold = 2, 300
     torch.set_num_threads(1)
+    wait_for_cpu_kernel()
     pf, bw = peaks()
     print(f"torch {torch.__version__}, 1 thread; peaks per CPU second: {pf / 1e9:.1f} GFLOP/s, {bw / 1e9:.1f} GB/s")
     for part, fn in (("S", fixture_s), ("M", fixture_m), ("cold", cold)):

@@ -13,7 +13,7 @@ other formulations serve those).
 
 The extension is compiled with torch's ``cpp_extension`` (g++ and ninja, both on the machine) on first use,
 about 30 s, into a directory of torch's extension cache named after the source, torch, Python and the CPU
-(``-march=native``), then loaded from there in well under a second. Builds of several processes are
+(``-march=native``) and torch's install path (its headers are in the build's command), then loaded from there in well under a second. Builds of several processes are
 serialised by an ``flock`` (released by the kernel when its holder dies), and under it any lock file of
 torch's own is one left by a process killed mid-build: it is removed, so it never blocks a build. ``start()``
 builds it on a background thread so that nothing waits for it: until it is ready ``get()`` returns None
@@ -101,8 +101,10 @@ def build_directory() -> Path:
     import torch
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    tag = hashlib.sha256(f"{SOURCE}|{torch.__version__}|{platform.python_version()}|{platform.machine()}|"
-                         f"{_cpu_model()}".encode()).hexdigest()[:16]
+    # torch's install path too: ninja rebuilds when a build's include paths change, so two environments
+    # (a clone's own venv beside another) sharing one directory would rebuild on every switch
+    tag = hashlib.sha256(f"{SOURCE}|{torch.__version__}|{Path(torch.__file__).parent}|{platform.python_version()}|"
+                         f"{platform.machine()}|{_cpu_model()}".encode()).hexdigest()[:16]
     return root / f"rankserve_bgmv_{tag}"
 
 
