@@ -211,15 +211,15 @@ def validate_bytes(data: bytes | str | Path, base: BaseModel | None, limits: Lim
         raise AdapterFormatError(f"file is {size} bytes, over the cap of {limits.max_file_bytes} bytes")
     if looks_pickled(data):
         raise PickleRefused("the file is a pickle/zip payload (torch.save?), not safetensors; refused, never opened")
-    _, header_meta = read_header(data, limits.max_header_bytes)  # container checks; raises on its own
+    entries, header_meta = read_header(data, limits.max_header_bytes)  # container checks; raises on its own
     key = None if digest is None else (digest, None if base is None else (base.name, base.fingerprint), limits)
     with _PASSED_LOCK:
         known = key is not None and key in _PASSED
         if known:
             _PASSED.move_to_end(key)
     if known:
-        return from_state_dict(load_tensors(data), AdapterMeta.from_header(header_meta))
-    adapter = _validated(header_meta, lambda: load_tensors(data), base, limits)
+        return from_state_dict(load_tensors(data, entries), AdapterMeta.from_header(header_meta))
+    adapter = _validated(header_meta, lambda: load_tensors(data, entries), base, limits)
     if key is not None:
         with _PASSED_LOCK:
             _PASSED[key] = None

@@ -122,6 +122,10 @@ def test_a_slot_reused_after_a_scaled_adapter_serves_the_next_one_exactly():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         if form == "plain":
             assert torch.equal(pool.slots["proj"].out_scale[slot], torch.ones(12))
+        # the buffers themselves: the rank recorded, and no row of an earlier occupant left past it
+        slots = pool.slots["proj"]
+        assert int(slots.ranks[slot]) == rank
+        assert not slots.a[0][0][rank:].any() and not slots.bt[0][0][rank:].any()
         pool.release(f"k{i}")
         pool.forget(f"k{i}")
 
@@ -199,6 +203,16 @@ def test_misfits_are_reported_together_and_leave_the_pool_unchanged():
         pool.acquire("bad", lambda: bad)
     assert len(err.value.problems) == 2 and "proj.lora_a" in str(err.value) and "'elsewhere'" in str(err.value)
     assert pool.acquire("ok", loader(8)) == 0
+    # prefetched (put_cpu: the fit is checked there, off the engine thread): a misfit is still reported at
+    # acquire with every problem, and a fitting one keeps the rank rows it was checked for
+    pool.release("ok")
+    pool.put_cpu("big", loader(12)())
+    assert pool._cpu.fit("big") is None
+    with pytest.raises(AdapterFormatError, match="max_rank is 8"):
+        pool.acquire("big", loader(12))
+    pool.put_cpu("fits", loader(5)())
+    assert pool._cpu.fit("fits") == 5 and pool.acquire("fits", loader(5)) == 0
+    assert int(pool.slots["proj"].ranks[0]) == 5
 
 
 def test_mor_entries_are_a_separate_budget():

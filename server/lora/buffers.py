@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from adapters_store.format import CompiledAdapter, ModuleWeights
+from adapters_store.format import AdapterFormatError, CompiledAdapter, ModuleWeights
 from server.lora.groups import ProjectionGroup
 
 
@@ -42,6 +42,10 @@ class ModuleSlots:
     group: ProjectionGroup | None = None  # the modules reading the same input (set by the pool), see groups.py
     group_index: int = 0  # this module's place in ``group``
     _scaled_slots: set[int] = field(default_factory=set)  # slots whose out_scale row is not all ones
+    # per global slot: its (A rows [R_b, d_in], B^T rows [R_b, d_out]) views, made once, not at every write
+    _slot_rows: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # per global slot: rows that may be nonzero; past them the slot is all zeros already (no tail to clear)
+    _filled: list[int] = field(default_factory=list)
 
     def num_bytes(self) -> int:
         tensors = [self.a_flat, self.bt_flat, self.ranks, self.out_scale]
@@ -50,8 +54,10 @@ class ModuleSlots:
 
     @classmethod
     def allocate(cls, d_in: int, d_out: int, buckets: list[tuple[int, int]], mor_entries: int, max_experts: int,
-                 device: torch.device, dtype: torch.dtype) -> ModuleSlots:
-        """Zeroed buffers for ``buckets`` = [(rank R_b, slots n_b), ...] and ``mor_entries`` MoR entries."""
+                 device: torch.device, dtype: torch.dtype, ranks: torch.Tensor | None = None) -> ModuleSlots:
+        """Zeroed buffers for ``buckets`` = [(rank R_b, slots n_b), ...] and ``mor_entries`` MoR entries.
+        ``ranks``: where this module's per-slot ranks live (int32 [S], zero), e.g. a row of the pool's table
+        of every module's ranks, so that a write sets one slot's ranks for all modules in one op."""
         num_slots = sum(n for _, n in buckets)
         max_rank = max(r for r, _ in buckets)
         gate = gate_bias = row_expert = None
@@ -63,43 +69,53 @@ class ModuleSlots:
         a_flat = torch.zeros(rows + 1, d_in, device=device, dtype=dtype)
         bt_flat = torch.zeros(rows + 1, d_out, device=device, dtype=dtype)
         starts = [sum(r * n for r, n in buckets[:b]) for b in range(len(buckets))]
+        a = [a_flat[s:s + r * n].view(n, r, d_in) for s, (r, n) in zip(starts, buckets, strict=True)]
+        bt = [bt_flat[s:s + r * n].view(n, r, d_out) for s, (r, n) in zip(starts, buckets, strict=True)]
+        if ranks is None:
+            ranks = torch.zeros(num_slots, device=device, dtype=torch.int32)
         return cls(
-            d_in, d_out, a_flat, bt_flat,
-            a=[a_flat[s:s + r * n].view(n, r, d_in) for s, (r, n) in zip(starts, buckets, strict=True)],
-            bt=[bt_flat[s:s + r * n].view(n, r, d_out) for s, (r, n) in zip(starts, buckets, strict=True)],
-            ranks=torch.zeros(num_slots, device=device, dtype=torch.int32),
+            d_in, d_out, a_flat, bt_flat, a=a, bt=bt, ranks=ranks,
             out_scale=torch.ones(num_slots + 1, d_out, device=device, dtype=dtype),
             gate=gate, gate_bias=gate_bias, row_expert=row_expert,
+            _slot_rows=[(a[b][i], bt[b][i]) for b, (_, n) in enumerate(buckets) for i in range(n)],
+            _filled=[0] * num_slots,
         )
 
     @torch.no_grad()
-    def write(self, slot: int, bucket: int, local: int, mor_entry: int, mw: ModuleWeights | None) -> None:
-        """Copy one module of an adapter into its slot (``copy_`` into the preallocated buffers, casting to
-        the pool dtype); ``mw`` None (module absent, rank 0) zeroes the slot so it contributes nothing.
-        Host work per module is a handful of torch calls: with ``lora_b`` in the serving layout
-        (``serving_layout``) both copies read contiguous memory, and calls that would change nothing
-        (an empty tail, an out_scale row already at ones) are skipped."""
-        a, bt = self.a[bucket][local], self.bt[bucket][local]  # [R_b, d_in], [R_b, d_out]
-        if mw is None:
-            a.zero_()
-            bt.zero_()
-            self.ranks[slot] = 0
-            self._unit_scale(slot)
-            return
-        rows = serving_rows(mw)  # [R', d_in]
-        r = rows.shape[0]
-        a[:r].copy_(rows)
-        bt[:r].copy_(mw.lora_b.T)
-        if r < a.shape[0]:
-            a[r:].zero_()
-            bt[r:].zero_()
-        self.ranks[slot] = r
-        if mw.out_scale is None:
+    def write(self, slot: int, mor_entry: int, mw: ModuleWeights | None) -> None:
+        """Copy one module of an adapter into its slot (casting to the pool dtype); ``mw`` None (module absent,
+        rank 0) clears the slot so it contributes nothing. The pool writes all modules at once instead
+        (``stage`` each, then ``run_staged``)."""
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        zeros: list[torch.Tensor] = []
+        self.ranks[slot] = self.stage(slot, mor_entry, mw, copies, zeros)
+        run_staged(copies, zeros)
+
+    def stage(self, slot: int, mor_entry: int, mw: ModuleWeights | None, copies: list[tuple[torch.Tensor, torch.Tensor]],
+              zeros: list[torch.Tensor]) -> int:
+        """Queue this module's part of a slot write: (destination, source) copies and regions to zero, run
+        for every module together by ``run_staged`` (two batched calls instead of ~6 calls per module).
+        Returns the module's rank rows in the slot (0 = absent), which the caller stores in ``ranks``.
+        With ``lora_b`` in the serving layout (``serving_layout``) every copy reads contiguous memory; rows
+        past the adapter's rank are cleared only where an earlier occupant left nonzero rows."""
+        a, bt = self._slot_rows[slot]  # [R_b, d_in], [R_b, d_out]
+        r = 0
+        if mw is not None:
+            rows = serving_rows(mw)  # [R', d_in]
+            r = rows.shape[0]
+            if r == a.shape[0]:
+                copies += ((a, rows), (bt, mw.lora_b.T))
+            else:
+                copies += ((a[:r], rows), (bt[:r], mw.lora_b.T))
+        if self._filled[slot] > r:
+            zeros += (a[r:self._filled[slot]], bt[r:self._filled[slot]])
+        self._filled[slot] = r
+        if mw is None or mw.out_scale is None:
             self._unit_scale(slot)
         else:
-            self.out_scale[slot].copy_(mw.out_scale)
+            copies.append((self.out_scale[slot], mw.out_scale))
             self._scaled_slots.add(slot)
-        if mw.gate is not None:
+        if mw is not None and mw.gate is not None:
             assert self.gate is not None and self.gate_bias is not None and self.row_expert is not None
             n = mw.num_experts
             self.gate[mor_entry, :n].copy_(mw.gate)
@@ -108,11 +124,21 @@ class ModuleSlots:
             self.gate_bias[mor_entry, n:] = float("-inf")
             self.row_expert[mor_entry].zero_()
             self.row_expert[mor_entry, :r].copy_(torch.arange(n).repeat_interleave(mw.rank))
+        return r
 
     def _unit_scale(self, slot: int) -> None:
         if slot in self._scaled_slots:  # rows start at ones and only ever leave them through write
             self.out_scale[slot].fill_(1)
             self._scaled_slots.discard(slot)
+
+
+@torch.no_grad()
+def run_staged(copies: list[tuple[torch.Tensor, torch.Tensor]], zeros: list[torch.Tensor]) -> None:
+    """Run staged slot writes (``ModuleSlots.stage``): one batched zero, one batched copy (casting)."""
+    if zeros:
+        torch._foreach_zero_(zeros)
+    if copies:
+        torch._foreach_copy_([d for d, _ in copies], [s for _, s in copies])
 
 
 def serving_layout(mw: ModuleWeights) -> ModuleWeights:
@@ -141,3 +167,29 @@ def for_slots(adapter: CompiledAdapter) -> CompiledAdapter:
     if all(modules[p] is mw for p, mw in adapter.modules.items()):
         return adapter
     return replace(adapter, modules=modules)
+
+
+def check_fit(adapter: CompiledAdapter, slots: dict[str, ModuleSlots], max_rank: int, max_experts: int) -> int:
+    """The rank rows a slot needs for ``adapter`` (MoR: N*r), or one AdapterFormatError listing every misfit
+    with the buffers (a module the base does not adapt, a shape, too many experts or rank rows)."""
+    problems = []
+    need = 0
+    for path, mw in sorted(adapter.modules.items()):
+        if path not in slots:
+            problems.append(f"module {path!r} is not a target of the base")
+            continue
+        d_in, d_out = slots[path].d_in, slots[path].d_out
+        cols = mw.rank * max(1, mw.num_experts)
+        if tuple(mw.lora_a.shape) != (mw.rank, d_in):
+            problems.append(f"{path}.lora_a has shape {tuple(mw.lora_a.shape)}, expected ({mw.rank}, {d_in})")
+        if tuple(mw.lora_b.shape) != (d_out, cols):
+            problems.append(f"{path}.lora_b has shape {tuple(mw.lora_b.shape)}, expected ({d_out}, {cols})")
+        if mw.num_experts > max_experts:
+            problems.append(f"{path}.gate has {mw.num_experts} experts, the pool allows {max_experts}")
+        need = max(need, cols)
+    if need > max_rank:
+        problems.append(f"adapter needs {need} rank rows per module (rank x experts), the pool's max_rank is "
+                        f"{max_rank}")
+    if problems:
+        raise AdapterFormatError(problems)
+    return need

@@ -20,6 +20,8 @@ class CpuTier:
         self.used_bytes = 0
         self.evictions = 0
         self._items: OrderedDict[str, CompiledAdapter] = OrderedDict()  # LRU order: oldest first
+        self._sizes: dict[str, int] = {}  # key -> its adapter's bytes (counted once, at put)
+        self._fits: dict[str, int] = {}  # key -> rank rows its slot needs, when the putter checked (``put``)
         self._held: dict[str, float] = {}  # prefetched keys -> monotonic time their hold ends
 
     def __contains__(self, key: str) -> bool:
@@ -39,29 +41,39 @@ class CpuTier:
             self._held.pop(key, None)
         return adapter
 
-    def put(self, key: str, adapter: CompiledAdapter, hold_s: float = 0.0) -> None:
-        """Keep ``adapter`` (one larger than the whole tier is not kept); ``hold_s`` > 0 holds it."""
+    def fit(self, key: str) -> int | None:
+        """The slot rank rows given with ``put`` (checked off the engine thread), or None."""
+        return self._fits.get(key)
+
+    def put(self, key: str, adapter: CompiledAdapter, hold_s: float = 0.0, fit: int | None = None) -> None:
+        """Keep ``adapter`` (one larger than the whole tier is not kept); ``hold_s`` > 0 holds it. ``fit``:
+        the rank rows its slot needs, if the caller already checked it against the pool's buffers."""
         size = adapter.num_bytes()
         if size > self.capacity_bytes or key in self._items:
             return
         if hold_s > 0:
             self._held[key] = time.monotonic() + hold_s
         self._items[key] = adapter
+        self._sizes[key] = size
+        if fit is not None:
+            self._fits[key] = fit
         self.used_bytes += size
         if self.used_bytes > self.capacity_bytes:
             self._evict()
 
     def drop(self, key: str) -> None:
         self._held.pop(key, None)
-        adapter = self._items.pop(key, None)
-        if adapter is not None:
-            self.used_bytes -= adapter.num_bytes()
+        self._fits.pop(key, None)
+        if self._items.pop(key, None) is not None:
+            self.used_bytes -= self._sizes.pop(key)
 
     def clear(self) -> int:
         """Drop everything, holds included (out of memory); returns the bytes dropped."""
         dropped = self.used_bytes
         self.evictions += len(self._items)
         self._items.clear()
+        self._sizes.clear()
+        self._fits.clear()
         self._held.clear()
         self.used_bytes = 0
         return dropped
@@ -73,5 +85,7 @@ class CpuTier:
         for key in [k for k in self._items if k not in self._held]:
             if self.used_bytes <= self.capacity_bytes:
                 break
-            self.used_bytes -= self._items.pop(key).num_bytes()
+            del self._items[key]
+            self._fits.pop(key, None)
+            self.used_bytes -= self._sizes.pop(key)
             self.evictions += 1

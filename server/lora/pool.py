@@ -29,7 +29,7 @@ from adapters_store.basemodels import BaseModel
 from adapters_store.format import AdapterFormatError, CompiledAdapter
 from server.common.metrics import TIERS
 from server.lora import merge as merging
-from server.lora.buffers import ModuleSlots, for_slots
+from server.lora.buffers import ModuleSlots, check_fit, for_slots, run_staged
 from server.lora.cpu_tier import CpuTier
 from server.lora.groups import ProjectionGroup, shared_input_groups
 from server.lora.layer import LowRankLinear, StepContext
@@ -96,9 +96,14 @@ class AdapterPool:
         self.cpu_bytes = cpu_bytes
         self.op = select_backend(self.device, backend)
         self.context = StepContext()
+        targets = sorted(base.targets.items())
+        # every module's per-slot ranks in one table (row m = module m's ``ranks``): a write sets a slot's
+        # column for all modules in one op
+        self._ranks = torch.zeros(len(targets), self.num_slots, device=self.device, dtype=torch.int32)
         self.slots: dict[str, ModuleSlots] = {
-            path: ModuleSlots.allocate(d_in, d_out, self.buckets, self.mor_entries, max_experts, self.device, dtype)
-            for path, (d_in, d_out) in sorted(base.targets.items())
+            path: ModuleSlots.allocate(d_in, d_out, self.buckets, self.mor_entries, max_experts, self.device, dtype,
+                                       ranks=self._ranks[m])
+            for m, (path, (d_in, d_out)) in enumerate(targets)
         }
         self.layers: dict[str, LowRankLinear] = {}
         self._lock = threading.RLock()
@@ -114,6 +119,8 @@ class AdapterPool:
         self._row0 = torch.tensor([row_start[b] + local * r for b, (r, n) in enumerate(self.buckets)
                                    for local in range(n)], dtype=torch.long)
         self._zero_row = sum(r * n for r, n in self.buckets)
+        self._slot_bucket = [b for b, (_, n) in enumerate(self.buckets) for _ in range(n)]  # global slot -> bucket
+        self._slot_rows = [r for r, n in self.buckets for _ in range(n)]  # global slot -> its rank rows
         self._merged: tuple[str, dict[str, torch.Tensor]] | None = None
         self._generation = 0  # slot writes and frees so far: cached gathers of slot rows and plans key on it
         self._last_plan: tuple[tuple, BatchPlan] | None = None  # (key, plan) of the previous step
@@ -126,6 +133,8 @@ class AdapterPool:
         # (keep_pristine: taken before any cast, so copying it back equals the cast weight bitwise), else
         # taken at a module's first merge and kept for later ones
         self._w0: dict[str, torch.Tensor] = dict(base.pristine) if base.pristine is not None else {}
+        # bytes of one rank row across every module (A and B^T rows): a resident slot holds rank-rows of them
+        self._row_bytes = sum(m.d_in + m.d_out for m in self.slots.values()) * (torch.finfo(dtype).bits // 8)
         self._stats = PoolStats()
         self._stats.capacity_bytes["gpu"] = sum(s.num_bytes() for s in self.slots.values())
         self._stats.capacity_bytes["cpu"] = cpu_bytes
@@ -157,7 +166,10 @@ class AdapterPool:
                 return res.slot
             self._stats.misses["gpu"] += 1
             adapter = self._from_cpu(key, loader)
-            need, mor = self._check_fit(adapter)
+            need = self._cpu.fit(key)  # checked on the loader thread (put_cpu) when it read the adapter
+            if need is None:
+                need = check_fit(adapter, self.slots, self.max_rank, self.max_experts)
+            mor = not adapter.mergeable
             slot, mor_entry = self._take_slot(need, mor)
             start = time.perf_counter()
             try:
@@ -205,11 +217,15 @@ class AdapterPool:
         """Hold an adapter loaded elsewhere (the residency's loader threads) in the CPU tier, LRU-bounded.
         ``hold_s`` > 0: a prefetch for a waiting request; no eviction takes it before its first acquire (or
         before ``hold_s`` seconds pass), even if the tier must run over its bytes meanwhile."""
-        adapter = for_slots(adapter)  # on the caller's (loader) thread, before the lock
+        adapter = for_slots(adapter)  # on the caller's (loader) thread, before the lock, as is the fit check
+        try:
+            fit: int | None = check_fit(adapter, self.slots, self.max_rank, self.max_experts)
+        except AdapterFormatError:
+            fit = None  # the acquire checks again and reports it
         with self._lock:
             if key not in self._resident and key not in self._cpu:
                 self._stats.misses["cpu"] += 1  # the loader thread's read; the acquire that follows is a hit
-                self._cpu.put(key, adapter, hold_s)
+                self._cpu.put(key, adapter, hold_s, fit)
                 self._update_gauges()
 
     def forget(self, key: str) -> None:
@@ -312,30 +328,6 @@ class AdapterPool:
         self._cpu.put(key, adapter)
         return adapter
 
-    def _check_fit(self, adapter: CompiledAdapter) -> tuple[int, bool]:
-        """(rank rows the slot needs, is MoR); every misfit is reported in one AdapterFormatError."""
-        problems = []
-        need = 0
-        for path, mw in sorted(adapter.modules.items()):
-            if path not in self.slots:
-                problems.append(f"module {path!r} is not a target of the base")
-                continue
-            d_in, d_out = self.slots[path].d_in, self.slots[path].d_out
-            cols = mw.rank * max(1, mw.num_experts)
-            if tuple(mw.lora_a.shape) != (mw.rank, d_in):
-                problems.append(f"{path}.lora_a has shape {tuple(mw.lora_a.shape)}, expected ({mw.rank}, {d_in})")
-            if tuple(mw.lora_b.shape) != (d_out, cols):
-                problems.append(f"{path}.lora_b has shape {tuple(mw.lora_b.shape)}, expected ({d_out}, {cols})")
-            if mw.num_experts > self.max_experts:
-                problems.append(f"{path}.gate has {mw.num_experts} experts, the pool allows {self.max_experts}")
-            need = max(need, cols)
-        if need > self.max_rank:
-            problems.append(f"adapter needs {need} rank rows per module (rank x experts), the pool's max_rank is "
-                            f"{self.max_rank}")
-        if problems:
-            raise AdapterFormatError(problems)
-        return need, not adapter.mergeable
-
     def _take_slot(self, need: int, mor: bool) -> tuple[int, int]:
         fits = [b for b, (r, _) in enumerate(self.buckets) if r >= need]
         if mor and not self._free_mor:
@@ -357,11 +349,16 @@ class AdapterPool:
         return slot, mor_entry
 
     def _write(self, slot: int, mor_entry: int, rank_rows: int, adapter: CompiledAdapter) -> None:
-        b = self._bucket_of(slot)
-        local = slot - self.bucket_base[b]
+        """Every module of ``adapter`` into ``slot``: staged per module, run as one batched zero and one
+        batched copy, and the slot's ranks of all modules set in one op (on the engine thread: a cold
+        adapter's write is part of the step that admits it)."""
         self._generation += 1
-        for path, module_slots in self.slots.items():
-            module_slots.write(slot, b, local, mor_entry, adapter.modules.get(path))
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        zeros: list[torch.Tensor] = []
+        modules = adapter.modules
+        ranks = [ms.stage(slot, mor_entry, modules.get(path), copies, zeros) for path, ms in self.slots.items()]
+        run_staged(copies, zeros)
+        self._ranks[:, slot] = torch.tensor(ranks, dtype=torch.int32)
         self._occupied[slot] = True
         self._scaled[slot] = any(m.out_scale is not None for m in adapter.modules.values())
         self._mor_index[slot] = mor_entry
@@ -384,7 +381,7 @@ class AdapterPool:
             self._free_mor.append(mor_entry)
 
     def _bucket_of(self, slot: int) -> int:
-        return max(b for b, b0 in enumerate(self.bucket_base) if b0 <= slot)
+        return self._slot_bucket[slot]
 
     def _update_gauges(self) -> None:
         s = self._stats
@@ -393,5 +390,5 @@ class AdapterPool:
         s.resident_bytes["cpu"] = self._cpu.used_bytes
         s.evictions["cpu"] = self._cpu.evictions
         # device bytes of the occupied slots (each its bucket's rank rows) across all modules
-        width = sum(m.d_in + m.d_out for m in self.slots.values()) * (torch.finfo(self.dtype).bits // 8)
-        s.resident_bytes["gpu"] = sum(self.buckets[self._bucket_of(r.slot)][0] * width for r in self._resident.values())
+        rows = self._slot_rows
+        s.resident_bytes["gpu"] = sum(rows[r.slot] for r in self._resident.values()) * self._row_bytes

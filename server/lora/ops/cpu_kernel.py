@@ -103,7 +103,7 @@ def build_directory() -> Path:
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     # torch's install path too: ninja rebuilds when a build's include paths change, so two environments
     # (a clone's own venv beside another) sharing one directory would rebuild on every switch
-    tag = hashlib.sha256(f"{SOURCE}|{torch.__version__}|{Path(torch.__file__).parent}|{platform.python_version()}|"
+    tag = hashlib.sha256(f"{SOURCE}|{torch.__version__}|{Path(torch.__file__).resolve().parent}|{platform.python_version()}|"
                          f"{platform.machine()}|{_cpu_model()}".encode()).hexdigest()[:16]
     return root / f"rankserve_bgmv_{tag}"
 
