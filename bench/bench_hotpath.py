@@ -227,6 +227,16 @@ def cold(args, pf: float, bw: float) -> None:
               cold_name: waves * floor_of(base, wave, list(wave)[:streams], args.tokens, pf, bw)}
     table(f"cold adapters: hidden 256, 4 layers, {n} requests at once x {args.tokens} tokens, a real store on disk",
           runs, floors, args.tokens)
+    # the figures: the cold case against the 5 warm adapters, paired within each round
+    pairs = list(zip(runs[cold_name], runs["5 warm adapters"], runs[spread], strict=False))
+    if pairs:
+        def med(f) -> float:
+            return statistics.median(f(c, w5, w32) for c, w5, w32 in pairs)
+        print(f"  cold / 5 warm: tok/s {med(lambda c, w5, _: c['tok_s'] / w5['tok_s']):.2f}, "
+              f"tok/CPU-s {med(lambda c, w5, _: c['tok_cpu'] / w5['tok_cpu']):.2f}, "
+              f"TTFT p99 {med(lambda c, w5, _: c['ttft_p99'] / w5['ttft_p99']):.2f}; "
+              f"cold / {spread}: tok/s {med(lambda c, _, w: c['tok_s'] / w['tok_s']):.2f} "
+              f"(medians over {len(pairs)} rounds)")
 
 
 
