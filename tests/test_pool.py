@@ -207,11 +207,12 @@ def test_misfits_are_reported_together_and_leave_the_pool_unchanged():
     # acquire with every problem, and a fitting one keeps the rank rows it was checked for
     pool.release("ok")
     pool.put_cpu("big", loader(12)())
-    assert pool._cpu.fit("big") is None
+    assert pool._cpu.prepared("big") is None
     with pytest.raises(AdapterFormatError, match="max_rank is 8"):
         pool.acquire("big", loader(12))
     pool.put_cpu("fits", loader(5)())
-    assert pool._cpu.fit("fits") == 5 and pool.acquire("fits", loader(5)) == 0
+    need, packed = pool._cpu.prepared("fits")
+    assert need == 5 and packed is not None and packed.rows == 5 and pool.acquire("fits", loader(5)) == 0
     assert int(pool.slots["proj"].ranks[0]) == 5
 
 

@@ -54,10 +54,12 @@ class ModuleSlots:
 
     @classmethod
     def allocate(cls, d_in: int, d_out: int, buckets: list[tuple[int, int]], mor_entries: int, max_experts: int,
-                 device: torch.device, dtype: torch.dtype, ranks: torch.Tensor | None = None) -> ModuleSlots:
+                 device: torch.device, dtype: torch.dtype, ranks: torch.Tensor | None = None,
+                 tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModuleSlots:
         """Zeroed buffers for ``buckets`` = [(rank R_b, slots n_b), ...] and ``mor_entries`` MoR entries.
         ``ranks``: where this module's per-slot ranks live (int32 [S], zero), e.g. a row of the pool's table
-        of every module's ranks, so that a write sets one slot's ranks for all modules in one op."""
+        of every module's ranks, so that a write sets one slot's ranks for all modules in one op. ``tables``:
+        this module's zeroed (a_flat, bt_flat), e.g. views of the pool's shape-grouped tables (image.py)."""
         num_slots = sum(n for _, n in buckets)
         max_rank = max(r for r, _ in buckets)
         gate = gate_bias = row_expert = None
@@ -66,8 +68,11 @@ class ModuleSlots:
             gate_bias = torch.full((mor_entries, max_experts), float("-inf"), device=device, dtype=dtype)
             row_expert = torch.zeros(mor_entries, max_rank, device=device, dtype=torch.long)
         rows = sum(r * n for r, n in buckets)
-        a_flat = torch.zeros(rows + 1, d_in, device=device, dtype=dtype)
-        bt_flat = torch.zeros(rows + 1, d_out, device=device, dtype=dtype)
+        if tables is None:
+            tables = (torch.zeros(rows + 1, d_in, device=device, dtype=dtype),
+                      torch.zeros(rows + 1, d_out, device=device, dtype=dtype))
+        a_flat, bt_flat = tables
+        assert a_flat.shape == (rows + 1, d_in) and bt_flat.shape == (rows + 1, d_out), "slot tables misshapen"
         starts = [sum(r * n for r, n in buckets[:b]) for b in range(len(buckets))]
         a = [a_flat[s:s + r * n].view(n, r, d_in) for s, (r, n) in zip(starts, buckets, strict=True)]
         bt = [bt_flat[s:s + r * n].view(n, r, d_out) for s, (r, n) in zip(starts, buckets, strict=True)]
@@ -125,6 +130,14 @@ class ModuleSlots:
             self.row_expert[mor_entry].zero_()
             self.row_expert[mor_entry, :r].copy_(torch.arange(n).repeat_interleave(mw.rank))
         return r
+
+    def packed_write(self, slot: int, rows: int) -> int:
+        """The pool writes ``rows`` rows of a packed adapter (image.py) into this module's slot rows itself:
+        return how many rows the last occupant may have left nonzero (for the pool to clear), record the new
+        high-water mark, and put the slot's out_scale back to ones if it was not."""
+        left, self._filled[slot] = self._filled[slot], rows
+        self._unit_scale(slot)
+        return left
 
     def _unit_scale(self, slot: int) -> None:
         if slot in self._scaled_slots:  # rows start at ones and only ever leave them through write
@@ -193,3 +206,11 @@ def check_fit(adapter: CompiledAdapter, slots: dict[str, ModuleSlots], max_rank:
     if problems:
         raise AdapterFormatError(problems)
     return need
+
+
+def default_buckets(max_slots: int, max_rank: int) -> list[tuple[int, int]]:
+    """Ranks 8, 16, 32, ... up to max_rank, slots split evenly (the largest buckets kept if too few)."""
+    ranks = [r for r in (8 << i for i in range(16)) if r < max_rank] + [max_rank]
+    ranks = ranks[-max_slots:]
+    share, extra = divmod(max_slots, len(ranks))
+    return [(r, share + (1 if i < extra else 0)) for i, r in enumerate(ranks)]

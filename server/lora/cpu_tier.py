@@ -21,7 +21,7 @@ class CpuTier:
         self.evictions = 0
         self._items: OrderedDict[str, CompiledAdapter] = OrderedDict()  # LRU order: oldest first
         self._sizes: dict[str, int] = {}  # key -> its adapter's bytes (counted once, at put)
-        self._fits: dict[str, int] = {}  # key -> rank rows its slot needs, when the putter checked (``put``)
+        self._prepared: dict[str, object] = {}  # key -> what the putter prepared for its slot write (``put``)
         self._held: dict[str, float] = {}  # prefetched keys -> monotonic time their hold ends
 
     def __contains__(self, key: str) -> bool:
@@ -41,13 +41,14 @@ class CpuTier:
             self._held.pop(key, None)
         return adapter
 
-    def fit(self, key: str) -> int | None:
-        """The slot rank rows given with ``put`` (checked off the engine thread), or None."""
-        return self._fits.get(key)
+    def prepared(self, key: str):
+        """What was given with ``put`` to make the adapter resident faster (the pool's fit and packing, done
+        off the engine thread), or None."""
+        return self._prepared.get(key)
 
-    def put(self, key: str, adapter: CompiledAdapter, hold_s: float = 0.0, fit: int | None = None) -> None:
-        """Keep ``adapter`` (one larger than the whole tier is not kept); ``hold_s`` > 0 holds it. ``fit``:
-        the rank rows its slot needs, if the caller already checked it against the pool's buffers."""
+    def put(self, key: str, adapter: CompiledAdapter, hold_s: float = 0.0, prepared: object = None) -> None:
+        """Keep ``adapter`` (one larger than the whole tier is not kept); ``hold_s`` > 0 holds it.
+        ``prepared``: kept beside it for ``prepared`` (the pool's: its slot rank rows and packed form)."""
         size = adapter.num_bytes()
         if size > self.capacity_bytes or key in self._items:
             return
@@ -55,15 +56,15 @@ class CpuTier:
             self._held[key] = time.monotonic() + hold_s
         self._items[key] = adapter
         self._sizes[key] = size
-        if fit is not None:
-            self._fits[key] = fit
+        if prepared is not None:
+            self._prepared[key] = prepared
         self.used_bytes += size
         if self.used_bytes > self.capacity_bytes:
             self._evict()
 
     def drop(self, key: str) -> None:
         self._held.pop(key, None)
-        self._fits.pop(key, None)
+        self._prepared.pop(key, None)
         if self._items.pop(key, None) is not None:
             self.used_bytes -= self._sizes.pop(key)
 
@@ -73,7 +74,7 @@ class CpuTier:
         self.evictions += len(self._items)
         self._items.clear()
         self._sizes.clear()
-        self._fits.clear()
+        self._prepared.clear()
         self._held.clear()
         self.used_bytes = 0
         return dropped
@@ -86,6 +87,6 @@ class CpuTier:
             if self.used_bytes <= self.capacity_bytes:
                 break
             del self._items[key]
-            self._fits.pop(key, None)
+            self._prepared.pop(key, None)
             self.used_bytes -= self._sizes.pop(key)
             self.evictions += 1

@@ -1,9 +1,9 @@
 """The adapter pool: device slots grouped by rank bucket, a CPU LRU tier in front, pin/refcount.
 
-    store/loader -> CPU tier (CompiledAdapter LRU, bounded in bytes) -> device slot (copy_ into buffers)
+    store/loader -> CPU tier (CompiledAdapter LRU in bytes, packed: image.py) -> device slot (copies)
 
 Every target linear of the base is wrapped in a ``LowRankLinear`` (``install``) that owns a view of the
-pool's preallocated buffers for that module (``server.lora.buffers.ModuleSlots``). Buckets hold
+pool's preallocated buffers (``buffers.ModuleSlots``, views of shape-grouped tables). Buckets hold
 ``n_b`` slots of ``R_b`` rank rows each; an adapter goes to the smallest bucket that fits its largest
 module (MoR: N*r rows) and spills into larger buckets when those are full. ``acquire`` pins; only idle
 (unpinned) adapters are evicted, least recently used first; ``PoolExhausted`` when every fitting slot
@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters_store.basemodels import BaseModel
-from adapters_store.format import AdapterFormatError, CompiledAdapter
+from adapters_store.format import CompiledAdapter
 from server.common.metrics import TIERS
 from server.lora import merge as merging
-from server.lora.buffers import ModuleSlots, check_fit, for_slots, run_staged
+from server.lora.buffers import ModuleSlots, check_fit, default_buckets, for_slots, run_staged
 from server.lora.cpu_tier import CpuTier
 from server.lora.groups import ProjectionGroup, shared_input_groups
+from server.lora.image import Layout, Packed, prepare
 from server.lora.layer import LowRankLinear, StepContext
 from server.lora.ops import select_backend
 from server.lora.plan import BatchPlan, SlotTable, build_plan
@@ -59,14 +60,6 @@ class _Resident:
     mor_entry: int  # -1 when not MoR
     refs: int = 0
     forget: bool = False  # forget() was called while pinned: free at the last release
-
-
-def default_buckets(max_slots: int, max_rank: int) -> list[tuple[int, int]]:
-    """Ranks 8, 16, 32, ... up to max_rank, slots split evenly (the largest buckets kept if too few)."""
-    ranks = [r for r in (8 << i for i in range(16)) if r < max_rank] + [max_rank]
-    ranks = ranks[-max_slots:]
-    share, extra = divmod(max_slots, len(ranks))
-    return [(r, share + (1 if i < extra else 0)) for i, r in enumerate(ranks)]
 
 
 def make_pool(base: BaseModel, device: torch.device, dtype: torch.dtype, max_slots: int, max_rank: int,
@@ -100,9 +93,13 @@ class AdapterPool:
         # every module's per-slot ranks in one table (row m = module m's ``ranks``): a write sets a slot's
         # column for all modules in one op
         self._ranks = torch.zeros(len(targets), self.num_slots, device=self.device, dtype=torch.int32)
+        # the modules' slot tables as views of one tensor per input / output width (image.py)
+        self.layout = Layout.of(targets)
+        self._a_tables, self._bt_tables, tables = self.layout.allocate(sum(r * n for r, n in self.buckets),
+                                                                       self.device, dtype)
         self.slots: dict[str, ModuleSlots] = {
             path: ModuleSlots.allocate(d_in, d_out, self.buckets, self.mor_entries, max_experts, self.device, dtype,
-                                       ranks=self._ranks[m])
+                                       ranks=self._ranks[m], tables=tables[path])
             for m, (path, (d_in, d_out)) in enumerate(targets)
         }
         self.layers: dict[str, LowRankLinear] = {}
@@ -121,6 +118,7 @@ class AdapterPool:
         self._zero_row = sum(r * n for r, n in self.buckets)
         self._slot_bucket = [b for b, (_, n) in enumerate(self.buckets) for _ in range(n)]  # global slot -> bucket
         self._slot_rows = [r for r, n in self.buckets for _ in range(n)]  # global slot -> its rank rows
+        self._row0_of = self._row0.tolist()
         self._merged: tuple[str, dict[str, torch.Tensor]] | None = None
         self._generation = 0  # slot writes and frees so far: cached gathers of slot rows and plans key on it
         self._last_plan: tuple[tuple, BatchPlan] | None = None  # (key, plan) of the previous step
@@ -166,14 +164,15 @@ class AdapterPool:
                 return res.slot
             self._stats.misses["gpu"] += 1
             adapter = self._from_cpu(key, loader)
-            need = self._cpu.fit(key)  # checked on the loader thread (put_cpu) when it read the adapter
+            # checked and packed on the loader thread (put_cpu) when it read the adapter
+            need, packed = self._cpu.prepared(key) or (None, None)
             if need is None:
                 need = check_fit(adapter, self.slots, self.max_rank, self.max_experts)
             mor = not adapter.mergeable
             slot, mor_entry = self._take_slot(need, mor)
             start = time.perf_counter()
             try:
-                self._write(slot, mor_entry, need, adapter)
+                self._write(slot, mor_entry, need, adapter, packed)
             except BaseException:
                 self._give_back(slot, mor_entry)
                 raise
@@ -217,15 +216,12 @@ class AdapterPool:
         """Hold an adapter loaded elsewhere (the residency's loader threads) in the CPU tier, LRU-bounded.
         ``hold_s`` > 0: a prefetch for a waiting request; no eviction takes it before its first acquire (or
         before ``hold_s`` seconds pass), even if the tier must run over its bytes meanwhile."""
-        adapter = for_slots(adapter)  # on the caller's (loader) thread, before the lock, as is the fit check
-        try:
-            fit: int | None = check_fit(adapter, self.slots, self.max_rank, self.max_experts)
-        except AdapterFormatError:
-            fit = None  # the acquire checks again and reports it
+        # on the caller's (loader) thread, before the lock: the fit check and the packed form (image.py)
+        adapter, prepared = prepare(adapter, self.slots, self.layout, self.max_rank, self.max_experts)
         with self._lock:
             if key not in self._resident and key not in self._cpu:
                 self._stats.misses["cpu"] += 1  # the loader thread's read; the acquire that follows is a hit
-                self._cpu.put(key, adapter, hold_s, fit)
+                self._cpu.put(key, adapter, hold_s, prepared)
                 self._update_gauges()
 
     def forget(self, key: str) -> None:
@@ -348,17 +344,27 @@ class AdapterPool:
         mor_entry = self._free_mor.pop(0) if mor else -1
         return slot, mor_entry
 
-    def _write(self, slot: int, mor_entry: int, rank_rows: int, adapter: CompiledAdapter) -> None:
-        """Every module of ``adapter`` into ``slot``: staged per module, run as one batched zero and one
-        batched copy, and the slot's ranks of all modules set in one op (on the engine thread: a cold
-        adapter's write is part of the step that admits it)."""
+    def _write(self, slot: int, mor_entry: int, rank_rows: int, adapter: CompiledAdapter,
+               packed: Packed | None = None) -> None:
+        """Every module of ``adapter`` into ``slot``, on the engine thread. Packed (image.py): one copy per
+        shape group; else staged per module, run as one batched zero and copy. Ranks: one op."""
         self._generation += 1
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         zeros: list[torch.Tensor] = []
-        modules = adapter.modules
-        ranks = [ms.stage(slot, mor_entry, modules.get(path), copies, zeros) for path, ms in self.slots.items()]
-        run_staged(copies, zeros)
-        self._ranks[:, slot] = torch.tensor(ranks, dtype=torch.int32)
+        if packed is not None and packed.rows <= self._slot_rows[slot]:
+            row0, rows = self._row0_of[slot], packed.rows
+            filled = max(ms.packed_write(slot, rows) for ms in self.slots.values())  # rows left by the last one
+            for tables, parts in ((self._a_tables, packed.a), (self._bt_tables, packed.bt)):
+                copies += ((t[:, row0:row0 + rows], part) for t, part in zip(tables, parts, strict=True))
+                if filled > rows:
+                    zeros += (t[:, row0 + rows:row0 + filled] for t in tables)
+            run_staged(copies, zeros)
+            self._ranks[:, slot] = packed.ranks
+        else:
+            modules = adapter.modules
+            ranks = [ms.stage(slot, mor_entry, modules.get(path), copies, zeros) for path, ms in self.slots.items()]
+            run_staged(copies, zeros)
+            self._ranks[:, slot] = torch.tensor(ranks, dtype=torch.int32)
         self._occupied[slot] = True
         self._scaled[slot] = any(m.out_scale is not None for m in adapter.modules.values())
         self._mor_index[slot] = mor_entry
