@@ -9,7 +9,7 @@ therefore store, instead of B' (N*r*d_out values),
 
 (r*d_out + N*d_out values), beside ``M.gate`` and ``M.rank_scale``. The loader expands it once:
 
-    B'[o, i*r + j] = expert_out_scale[i, o] * lora_b[o, j]        (expert-major columns, as today)
+    B'[o, i*r + j] = expert_out_scale[i, o] * lora_b[o, j]        (expert-major columns, as in an expanded file)
 
 one product per element, rounded once in the file's dtype, so the expansion is exact: in fp32 it equals,
 bitwise, the trainer's own B' (``trainer/methods/mor.py`` computes B' with this same function).
