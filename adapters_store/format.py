@@ -7,8 +7,17 @@ Contract (DESIGN.md section 2). Per adapted linear module ``M`` (the base model'
     M.out_scale   [d_out]                optional per-output scale g (DoRA, EDoRA)
     M.gate        [N, d_in]              optional, MoR router weights
     M.rank_scale  [N, r]                 optional, MoR per-expert rank-wise scaling
+    M.expert_out_scale [N, d_out]        optional, MoR only (with gate and rank_scale): the compact form,
+                                         lora_b then [d_out, r]; B'[:, i*r:(i+1)*r] = diag(row i) lora_b
     head.weight   [num_labels, d_model]  classify adapters only
     head.bias     [num_labels]
+
+MoR's compact form (``adapters_store.mor_form``) is an extension of format_version "1": every file
+without ``expert_out_scale`` means what it always meant, and a reader older than the extension refuses a
+compact file (its unknown-tensor rule names ``M.expert_out_scale``), so it is never misread. Reading
+expands it (:func:`from_state_dict`): every CompiledAdapter read from bytes holds B' [d_out, N*r] and no
+``expert_out_scale``, so nothing past the loader knows the compact form. One built in memory (the
+trainer's) may be compact: :meth:`CompiledAdapter.expanded` gives the serving form.
 
 Metadata (``__metadata__``, strings only) is :class:`AdapterMeta`. The forward semantics live in
 :mod:`adapters_store.semantics`; this module only moves tensors between memory and bytes.
@@ -21,18 +30,20 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load
 from safetensors.torch import load_file as _map_file
 
+from adapters_store import mor_form
+
 FORMAT_VERSION = "1"
 METHODS = ("lora", "dora", "adalora", "aroma", "mor", "edora")
 TASKS = ("generate", "classify")
 POOLINGS = ("last", "first", "mean")
-MODULE_KEYS = ("lora_a", "lora_b", "out_scale", "gate", "rank_scale")
+MODULE_KEYS = ("lora_a", "lora_b", "out_scale", "gate", "rank_scale", mor_form.KEY)
 HEAD_KEYS = ("head.weight", "head.bias")
 
 
@@ -53,6 +64,7 @@ class ModuleWeights:
     out_scale: torch.Tensor | None = None  # [d_out]
     gate: torch.Tensor | None = None  # [N, d_in]
     rank_scale: torch.Tensor | None = None  # [N, r]
+    expert_out_scale: torch.Tensor | None = None  # [N, d_out]: MoR's compact form, lora_b then [d_out, r]
 
     @property
     def rank(self) -> int:
@@ -64,11 +76,19 @@ class ModuleWeights:
 
     @property
     def effective_rank(self) -> int:
-        """Columns of lora_b: r, or N*r for MoR (what the up-projection costs per token)."""
-        return int(self.lora_b.shape[1])
+        """Columns of the serving lora_b: r, or N*r for MoR (what the up-projection costs per token)."""
+        width = int(self.lora_b.shape[1])
+        return width if self.expert_out_scale is None else self.num_experts * width
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in asdict_shallow(self).items() if v is not None}
+
+    def expanded(self) -> ModuleWeights:
+        """The serving form: MoR's compact lora_b and expert_out_scale become B' [d_out, N*r]
+        (``mor_form.expert_up``); any other module is returned as it is."""
+        if self.expert_out_scale is None:
+            return self
+        return replace(self, lora_b=mor_form.expert_up(self.lora_b, self.expert_out_scale), expert_out_scale=None)
 
 
 def asdict_shallow(mw: ModuleWeights) -> dict[str, torch.Tensor | None]:
@@ -176,6 +196,12 @@ class CompiledAdapter:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
+    def expanded(self) -> CompiledAdapter:
+        """This adapter in serving form (see :meth:`ModuleWeights.expanded`); itself if nothing is compact."""
+        if all(mw.expert_out_scale is None for mw in self.modules.values()):
+            return self
+        return replace(self, modules={p: mw.expanded() for p, mw in self.modules.items()})
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd: dict[str, torch.Tensor] = {}
         for path, mw in sorted(self.modules.items()):
@@ -247,8 +273,12 @@ def split_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, t
     return modules, head, unknown
 
 
-def from_state_dict(sd: dict[str, torch.Tensor], meta: AdapterMeta) -> CompiledAdapter:
-    """Assemble tensors into a CompiledAdapter; structural problems are collected, not raised one by one."""
+def from_state_dict(sd: dict[str, torch.Tensor], meta: AdapterMeta, expand: bool = True) -> CompiledAdapter:
+    """Assemble tensors into a CompiledAdapter; structural problems are collected, not raised one by one.
+
+    MoR's compact modules are checked for agreement among their own tensors, then expanded to B' unless
+    ``expand`` is False (``validate`` checks the compact form against the base and the caps first: B' may
+    be up to N times lora_b, so a hostile file must not choose how much memory its expansion takes)."""
     modules, head, unknown = split_state_dict(sd)
     problems = [f"tensor {k!r} is not part of the compiled adapter format" for k in sorted(unknown)]
     built: dict[str, ModuleWeights] = {}
@@ -260,7 +290,19 @@ def from_state_dict(sd: dict[str, torch.Tensor], meta: AdapterMeta) -> CompiledA
         if ("gate" in parts) != ("rank_scale" in parts):
             problems.append(f"module {path!r}: MoR needs both {path}.gate and {path}.rank_scale")
             continue
-        built[path] = ModuleWeights(**parts)
+        mw = ModuleWeights(**parts)
+        if mw.expert_out_scale is not None:
+            if mw.gate is None:
+                problems.append(f"{path}.{mor_form.KEY}: MoR's compact form, allowed only beside {path}.gate and "
+                                f"{path}.rank_scale")
+                continue
+            bad = mor_form.compact_problems(path, mw.lora_a, mw.lora_b, mw.gate, mw.expert_out_scale)
+            problems.extend(bad)
+            if bad:
+                continue
+            if expand:
+                mw = mw.expanded()
+        built[path] = mw
     if problems:
         raise AdapterFormatError(problems)
     return CompiledAdapter(meta=meta, modules=built, head_weight=head.get("head.weight"), head_bias=head.get("head.bias"))

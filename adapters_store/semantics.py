@@ -17,7 +17,8 @@ from adapters_store.format import ModuleWeights
 
 
 def lowrank_delta(x: torch.Tensor, mw: ModuleWeights) -> torch.Tensor:
-    """B h' for tokens x [T, d_in] -> [T, d_out], computed in x's dtype."""
+    """B h' for tokens x [T, d_in] -> [T, d_out], computed in x's dtype (MoR's compact form expanded first)."""
+    mw = mw.expanded()
     a = mw.lora_a.to(x.dtype)
     b = mw.lora_b.to(x.dtype)
     h = x @ a.T  # [T, r]

@@ -13,16 +13,19 @@ from adapters_store.format import AdapterMeta, CompiledAdapter, ModuleWeights
 
 
 def random_module(
-    weight: torch.Tensor, method: str, rank: int, gen: torch.Generator, num_experts: int = 4, std: float = 0.02
+    weight: torch.Tensor, method: str, rank: int, gen: torch.Generator, num_experts: int = 4, std: float = 0.02,
+    compact: bool = False,
 ) -> ModuleWeights:
-    """One module in serving form for base weight W0 [d_out, d_in]."""
+    """One module in serving form for base weight W0 [d_out, d_in]; ``compact``: MoR's compact file form
+    (shared B [d_out, r] and expert_out_scale [N, d_out], as the trainer writes it) instead of a free B'."""
     d_out, d_in = weight.shape
     a = torch.randn(rank, d_in, generator=gen) * std
     if method == "mor":
-        b = torch.randn(d_out, num_experts * rank, generator=gen) * std
+        b = torch.randn(d_out, (1 if compact else num_experts) * rank, generator=gen) * std
         gate = torch.randn(num_experts, d_in, generator=gen) * std * 10
         lam = 1.0 + 0.1 * torch.randn(num_experts, rank, generator=gen)
-        return ModuleWeights(a, b, gate=gate, rank_scale=lam)
+        scale = 1.0 + 0.1 * torch.randn(num_experts, d_out, generator=gen) if compact else None
+        return ModuleWeights(a, b, gate=gate, rank_scale=lam, expert_out_scale=scale)
     b = torch.randn(d_out, rank, generator=gen) * std
     out_scale = None
     if method in ("dora", "edora"):
@@ -44,9 +47,11 @@ def random_adapter(
     variable_rank: bool = False,
     num_experts: int = 4,
     std: float = 0.02,
+    compact: bool = False,
 ) -> CompiledAdapter:
     """A valid adapter for ``base``. ``variable_rank`` draws a rank in [0, rank] per module (AdaLoRA/AROMA
-    style; rank-0 modules are omitted). ``modules`` defaults to every target of the base."""
+    style; rank-0 modules are omitted). ``modules`` defaults to every target of the base. ``compact``: MoR
+    in its compact file form (write it, or call ``.expanded()``, before handing it to a server)."""
     gen = torch.Generator().manual_seed(seed)
     paths = modules if modules is not None else sorted(base.targets)
     built: dict[str, ModuleWeights] = {}
@@ -54,7 +59,7 @@ def random_adapter(
         r = int(torch.randint(0, rank + 1, (1,), generator=gen)) if variable_rank else rank
         if r == 0:
             continue
-        built[path] = random_module(base.base_weight(path), method, r, gen, num_experts, std)
+        built[path] = random_module(base.base_weight(path), method, r, gen, num_experts, std, compact)
     head_w = head_b = None
     if task == "classify":
         labels = labels or ["negative", "positive"]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from adapters_store import mor_form
 from adapters_store.basemodels import BaseModel
 from adapters_store.format import (
     AdapterFormatError,
@@ -125,12 +126,14 @@ def _check_module(path: str, mw: ModuleWeights, base: BaseModel | None, limits: 
         problems.append(f"{path}: not a target module of base {base.name!r} (targets look like {sample}, ...)")
         return
     d_in, d_out = base.targets[path]
+    compact = mw.expert_out_scale is not None  # MoR's compact form: the shared B, expanded once read
     expected: dict[str, list[int] | None] = {
         "lora_a": [r, d_in],
-        "lora_b": [d_out, n * r] if mw.gate is not None else [d_out, r],
+        "lora_b": [d_out, n * r] if mw.gate is not None and not compact else [d_out, r],
         "out_scale": [d_out],
         "gate": [n, d_in],
         "rank_scale": [n, r],
+        mor_form.KEY: [n, d_out],
     }
     for key, t in mw.tensors().items():
         want = expected[key]
@@ -187,7 +190,22 @@ def check(adapter: CompiledAdapter, base: BaseModel | None, limits: Limits) -> l
     for path, mw in sorted(adapter.modules.items()):
         _check_module(path, mw, base, limits, problems)
     _check_meta(adapter, base, limits, problems)
+    _check_expansion(adapter, limits, problems)
     return problems
+
+
+def _check_expansion(adapter: CompiledAdapter, limits: Limits, problems: list[str]) -> None:
+    """The file-size cap also bounds what a compact MoR file becomes in memory once B' is expanded (up to N
+    times its lora_b), exactly as it bounds an expanded file."""
+    compact = {p: mw for p, mw in adapter.modules.items() if mw.expert_out_scale is not None}
+    if not compact:
+        return
+    grown = sum((mor_form.expanded_numel(mw.lora_b, mw.expert_out_scale) - mw.lora_b.numel()
+                 - mw.expert_out_scale.numel()) * mw.lora_b.element_size() for mw in compact.values())
+    total = adapter.num_bytes() + grown
+    if total > limits.max_file_bytes:
+        problems.append(f"{sorted(compact)[0]}.{mor_form.KEY}: MoR's compact form expands to {total} bytes in "
+                        f"serving form (B' [d_out, N*r] per module), over the cap of {limits.max_file_bytes} bytes")
 
 
 def validate(adapter: CompiledAdapter, base: BaseModel | None, limits: Limits | None = None) -> None:
@@ -250,7 +268,7 @@ def _validated(header_meta: dict[str, str], load_tensors: Callable[[], dict[str,
     # stand-in meta whose own checks are skipped.
     stand_in = AdapterMeta(method="lora", task="generate", base_model="", base_fingerprint="")
     try:
-        adapter = from_state_dict(sd, meta or stand_in)
+        adapter = from_state_dict(sd, meta or stand_in, expand=False)  # MoR's compact form: expanded once checked
     except AdapterFormatError as e:
         raise AdapterFormatError(problems + e.problems) from None
     if meta is None:
@@ -260,4 +278,4 @@ def _validated(header_meta: dict[str, str], load_tensors: Callable[[], dict[str,
         problems.extend(check(adapter, base, limits))
     if problems:
         raise AdapterFormatError(problems)
-    return adapter
+    return adapter.expanded()

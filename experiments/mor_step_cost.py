@@ -9,7 +9,8 @@ alike; the median of the repeats is reported. Configurations (every target linea
 - ``lora r=16``: LoRA with about MoR's *trainable* count;
 - ``lora r=64``: LoRA with MoR's *served* width (the compiled B' is N*r = 64 wide).
 
-Besides time it prints, per configuration, the trainable and exported adapter parameters and the
+Besides time it prints, per configuration, the trainable and exported adapter parameters (MoR's compact file
+form: r*d_out + N*d_out for the up-projection, see docs/FORMAT.md) and the
 serving multiply-adds per token (from the compiled shapes: r*d_in + r*d_out for LoRA,
 r*d_in + N*d_in + N*r*d_out for MoR).
 
@@ -48,7 +49,7 @@ def serving_macs(layers) -> int:
     total = 0
     for layer in layers.values():
         mw = layer.compile()
-        total += mw.lora_a.numel() + mw.lora_b.numel()  # h = A x (r*d_in), B' h' (N*r*d_out or r*d_out)
+        total += mw.lora_a.numel() + mw.effective_rank * mw.lora_b.shape[0]  # h = A x (r*d_in), B' h' (N*r*d_out or r*d_out)
         if mw.gate is not None:
             total += mw.gate.numel() + mw.rank_scale.numel()  # router logits, then v(x) = g_i * lamA_i * h
     return total

@@ -1,6 +1,7 @@
 """The HTTP fuzzer's uploads (POST /v1/adapters): multipart bodies, well formed or not, carrying a compiled
 adapter, a PEFT pair or junk, each damaged or not (flipped bytes, truncation, a header length past the file,
-JSON nested thousands deep in the header or in a metadata value, NaN weights, ranks over the cap, hostile
+JSON nested thousands deep in the header or in a metadata value, NaN weights, ranks over the cap, MoR's compact
+form (whose damaged shapes must be refused before it expands), hostile
 adapter_config.json values, pickle and zip bytes, odd file names and field names), with keys of every kind.
 
 An upload can only create an ``UPLOAD_PREFIX`` id: the id of any upload that could be valid is the
@@ -125,7 +126,7 @@ def file_parts(blobs: dict[str, bytes]):
     def named(default: str):
         return filenames.map(lambda f: default if f is None else f)
 
-    compiled = st.tuples(st.sampled_from(["gen", "cls", "nan", "rank"]), blob_faults, named("a.safetensors"))
+    compiled = st.tuples(st.sampled_from(["gen", "cls", "nan", "rank", "mor"]), blob_faults, named("a.safetensors"))
     compiled = compiled.map(lambda t: [("files", t[2], broken_blob(blobs[t[0]], t[1]))])
     pair = st.tuples(peft_config(json.loads(blobs["peft_config"])), blob_faults, st.booleans()).map(
         lambda t: [("files", "adapter_config.json", t[0]),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapters_store.format import CompiledAdapter, load_file
+from adapters_store.format import CompiledAdapter, load_file, read_header
 from adapters_store.semantics import module_forward
 from adapters_store.validate import Limits, validate
 from trainer.data import build_datasets, collate, toy_records
@@ -95,6 +95,13 @@ def test_method_conformance(method, base_name, task, request, tmp_path):
         d_in, d_out = pristine.targets[p]
         assert mw.lora_a.shape == (mw.rank, d_in) and mw.lora_b.shape[0] == d_out
         assert (mw.gate is not None) == (method == "mor") and (mw.out_scale is not None) == (method in ("dora", "edora"))
+    if method == "mor":  # the file holds the compact form (sB and lamB; read, it expands to B'): what was trained
+        entries, _ = read_header(path)
+        for p, mw in adapter.modules.items():
+            n, d_out = mw.num_experts, pristine.targets[p][1]
+            assert entries[f"{p}.lora_b"]["shape"] == [d_out, mw.rank] and mw.lora_b.shape == (d_out, n * mw.rank)
+            assert entries[f"{p}.expert_out_scale"]["shape"] == [n, d_out]
+        assert meta.training["exported_adapter_params"] == result.log["adapter_trainable_params"]
     if task == "classify":
         assert meta.labels == sorted({r["label"] for r in records})
         assert meta.pooling == ("last" if pristine.is_decoder else "mean")

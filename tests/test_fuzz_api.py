@@ -328,6 +328,7 @@ def start_target(store_dir, tiny_llama) -> FuzzTarget:
     blobs = {"gen": compiled_bytes(tiny_llama, "lora", 4, seed=6),
              "cls": compiled_bytes(tiny_llama, "lora", 4, seed=7, task="classify", labels=["x", "y"]),
              "rank": compiled_bytes(tiny_llama, "lora", 64, seed=8), "nan": nan.to_bytes(),
+             "mor": compiled_bytes(tiny_llama, "mor", 4, seed=10, compact=True),  # MoR's compact form: expanded at load
              "peft_config": peft["adapter_config.json"], "peft_weights": peft["adapter_model.safetensors"]}
     target = FuzzTarget(store_dir, real, blobs)
     target.start()

@@ -237,3 +237,33 @@ def test_delete_then_reupload_serves_the_new_version(srv, tiny_llama):
     assert client.delete("/v1/adapters/cycle").status_code == 404
     assert client.post("/v1/adapters", **multipart("cycle", {"c.safetensors": new})).status_code == 201
     assert generate(client, "cycle").json()["choices"][0]["text"] == reference_text(tiny_llama, loads(new))
+
+
+def test_a_compact_mor_upload_serves_as_its_expanded_twin(srv, tiny_llama):
+    """MoR's compact file (lora_b [d_out, r] + expert_out_scale) and the expanded file it reads as: the same
+    tokens and logprobs through the engine, the file's own reference forward; a bad compact tensor is a 422
+    naming it, and registers nothing."""
+    from adapters_store.synth import random_adapter
+
+    client, state = srv
+    compact = random_adapter(tiny_llama, "mor", 4, seed=61, num_experts=3, std=0.1, compact=True)
+    data = compact.to_bytes()
+    wide = loads(data).to_bytes()
+    assert len(data) < len(wide)
+    for adapter_id, blob in (("mor-compact", data), ("mor-wide", wide)):
+        r = client.post("/v1/adapters", **multipart(adapter_id, {"m.safetensors": blob}))
+        assert r.status_code == 201 and r.json()["size"] == len(blob), r.text
+    body = {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    out = {m: client.post("/v1/completions", json={**body, "model": m}).json()["choices"][0] for m in ("mor-compact", "mor-wide")}
+    assert out["mor-compact"]["text"] == out["mor-wide"]["text"] == reference_text(tiny_llama, loads(data))
+    assert out["mor-compact"]["logprobs"] == out["mor-wide"]["logprobs"] and len(out["mor-wide"]["logprobs"]["token_logprobs"]) == 5
+    q = "model.layers.0.self_attn.q_proj"
+    compact.modules[q].expert_out_scale = torch.ones(4, 64)  # N is 3
+    compact.modules["model.layers.1.mlp.up_proj"].expert_out_scale[0, 0] = float("nan")
+    r = client.post("/v1/adapters", **multipart("mor-bad", {"m.safetensors": compact.to_bytes()}))
+    assert r.status_code == 422, r.text
+    assert f"{q}.expert_out_scale: shape [4, 64], expected [3, 64]" in r.json()["error"]["message"]
+    del compact.modules[q]
+    r = client.post("/v1/adapters", **multipart("mor-bad", {"m.safetensors": compact.to_bytes()}))
+    assert r.status_code == 422 and "model.layers.1.mlp.up_proj.expert_out_scale: 1 of 384" in r.json()["error"]["message"]
+    assert "mor-bad" not in state.runtime.store and leftovers(state) == []

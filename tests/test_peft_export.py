@@ -63,8 +63,9 @@ def test_dora_magnitude_is_recomputed_from_the_base(tiny_llama, tmp_path):
     assert torch.allclose(g, mw.out_scale, rtol=1e-6, atol=0)
 
 
-def test_mor_is_refused_with_the_reason(tiny_llama, tmp_path, capsys):
-    adapter = random_adapter(tiny_llama, "mor", rank=2, seed=0)
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "expanded"])
+def test_mor_is_refused_with_the_reason(tiny_llama, tmp_path, capsys, compact):
+    adapter = random_adapter(tiny_llama, "mor", rank=2, seed=0, compact=compact)
     with pytest.raises(AdapterFormatError, match="MoR has no PEFT form"):
         export_peft(adapter, tiny_llama, tmp_path / "peft")
     adapter.save(tmp_path / "mor.safetensors")

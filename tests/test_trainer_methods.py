@@ -116,11 +116,28 @@ def test_mor_forward_and_compile_equal_the_literal_mixture():
     with torch.no_grad():
         literal = mor_literal(layer, x)
         torch.testing.assert_close(layer(x), literal, atol=1e-5, rtol=0)
-        mw = layer.compile()
-        assert mw.lora_b.shape == (12, 4 * 3) and mw.gate.shape == (4, 16) and mw.rank_scale.shape == (4, 3)
+        mw = layer.compile()  # the compact form: the shared sB and lamB, not B'
+        assert mw.lora_b.shape == (12, 3) and mw.expert_out_scale.shape == (4, 12)
+        assert mw.gate.shape == (4, 16) and mw.rank_scale.shape == (4, 3) and mw.effective_rank == 4 * 3
+        torch.testing.assert_close(mw.lora_b, layer.scale * layer.lora_B)
         torch.testing.assert_close(served(layer, x), literal, atol=1e-5, rtol=0)
+        # expanded, it is the B' training multiplies by, bitwise (one function computes both)
+        wide = mw.expanded()
+        assert wide.expert_out_scale is None and wide.lora_b.shape == (12, 4 * 3)
+        assert torch.equal(wide.lora_b, layer.expert_up())
+        torch.testing.assert_close(module_forward(x, layer.weight, layer.bias, wide), literal, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="MoR"):
         merged_weight(layer.weight, mw)
+    with pytest.raises(ValueError, match="MoR"):
+        merged_weight(layer.weight, wide)
+
+
+def test_mor_exports_the_compact_form():
+    """The file holds r(d_in + d_out) + N(d_in + r + d_out) values, not B''s N*r*d_out."""
+    layer = wrap("mor", base=linear(16, 24), rank=3, num_experts=4)
+    exported = sum(t.numel() for t in layer.compile().tensors().values())
+    assert exported == 3 * 16 + 3 * 24 + 4 * 24 + 4 * 16 + 4 * 3
+    assert exported == sum(p.numel() for p in layer.parameters() if p.requires_grad)  # exactly what is trained
 
 
 def test_mor_served_width_n_times_r_is_the_method_not_the_format():
@@ -134,9 +151,9 @@ def test_mor_served_width_n_times_r_is_the_method_not_the_format():
         assert torch.linalg.matrix_rank(layer.expert_up()) == 4 * 3
         trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
         assert trainable == 3 * (16 + 24) + 4 * (3 + 16 + 24)  # r(d_in+d_out) + N(r + d_in + d_out)
-        # what the file would need if it stored B and lamB instead of B' (docs/METHODS.md): B' is their function
+        # the file stores sB and lamB (docs/FORMAT.md); B' is their function, expert-major columns
         rebuilt = torch.cat([layer.scale * layer.lam_b[i, :, None] * layer.lora_B for i in range(4)], dim=1)
-        torch.testing.assert_close(layer.compile().lora_b, rebuilt, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.compile().expanded().lora_b, rebuilt, atol=1e-6, rtol=0)
 
 
 def test_mor_router_init_breaks_expert_symmetry():

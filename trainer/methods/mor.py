@@ -14,9 +14,12 @@ and identical experts every expert gets the same gradient and they never diverge
 Training computes the mixture in its serving form, which is the same sum regrouped (and costs
 [T, N*r] activations instead of [T, N, d_out]):
     h' = concat_i( softmax(W_g x)_i * lamA_i * (A x) )     [N*r]
-    y  = W0 x + B' h' + b,   B' = s [diag(lamB_1) B | ... | diag(lamB_N) B]   [d_out, N*r]
-so ``compile`` exports lora_a = A, lora_b = B', gate = W_g, rank_scale = lam_a. No exact merge exists
-(the router depends on x). The tests check this against the per-expert sum written literally.
+    y  = W0 x + B' h' + b,   B' = [diag(lamB_1) sB | ... | diag(lamB_N) sB]   [d_out, N*r]
+B' is a function of sB and lamB, so ``compile`` exports the compact form (docs/FORMAT.md): lora_a = A,
+lora_b = sB [d_out, r], expert_out_scale = lam_b, gate = W_g, rank_scale = lam_a: r*d_out + N*d_out values
+instead of B''s N*r*d_out. The loader expands B' with ``mor_form.expert_up``, the function training uses
+here, so the served B' is bitwise the trained one. No exact merge exists (the router depends on x). The
+tests check this against the per-expert sum written literally.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 from adapters_store.format import ModuleWeights
+from adapters_store.mor_form import expert_up
 from trainer.methods.base import AdapterLayer, MethodConfig, check, fp32, lowrank_scale, register
 from trainer.methods.lora import kaiming_a
 
@@ -57,9 +61,8 @@ class MoRLinear(AdapterLayer):
         self.scale = lowrank_scale(cfg.alpha, cfg.rank)
 
     def expert_up(self) -> torch.Tensor:
-        """B' = s [diag(lamB_1) B | ... | diag(lamB_N) B]  [d_out, N*r]."""
-        stacked = self.lam_b[:, :, None] * self.lora_B[None, :, :]  # [N, d_out, r]
-        return self.scale * stacked.permute(1, 0, 2).reshape(self.d_out, -1)
+        """B' = [diag(lamB_1) sB | ... | diag(lamB_N) sB]  [d_out, N*r], as the loader expands it."""
+        return expert_up(self.scale * self.lora_B, self.lam_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dropout(x) @ self.lora_A.T  # [..., r]
@@ -68,5 +71,6 @@ class MoRLinear(AdapterLayer):
         return self.base(x) + hh.flatten(-2) @ self.expert_up().T  # [..., d_out]
 
     def compile(self) -> ModuleWeights:
-        return ModuleWeights(lora_a=fp32(self.lora_A), lora_b=fp32(self.expert_up()), gate=fp32(self.gate),
-                             rank_scale=fp32(self.lam_a))
+        """The compact form; ``.expanded()`` of it is fp32(expert_up()) bitwise."""
+        return ModuleWeights(lora_a=fp32(self.lora_A), lora_b=fp32(self.scale * self.lora_B), gate=fp32(self.gate),
+                             rank_scale=fp32(self.lam_a), expert_out_scale=fp32(self.lam_b))
