@@ -218,7 +218,8 @@ def validate(adapter: CompiledAdapter, base: BaseModel | None, limits: Limits | 
 def validate_bytes(data: bytes | str | Path, base: BaseModel | None, limits: Limits | None = None,
                    digest: str | None = None) -> CompiledAdapter:
     """A compiled adapter's bytes, or its file, -> CompiledAdapter, or one AdapterFormatError listing every
-    problem. A file is read in place (load_tensors maps it): validating N bytes takes about N of memory.
+    problem. A file is read in place (load_tensors maps it): validating N bytes takes about N of memory, plus
+    the expanded B' of a compact MoR file, which the file-size cap bounds too.
 
     ``digest``: the bytes' sha256, already checked by the caller. Bytes with a digest that passed every
     check against this base and these limits earlier in this process (an upload, then its reloads after
