@@ -333,7 +333,6 @@ def load_tensors(source: bytes | str | Path, header: dict | None = None) -> dict
 
 
 _FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
-_ITEMSIZE = {dt: torch.empty(0, dtype=dt).element_size() for dt in _ST_DTYPES}
 
 
 def tensors_from_bytes(data: bytes, header: dict) -> dict[str, torch.Tensor] | None:
@@ -358,7 +357,7 @@ def tensors_from_bytes(data: bytes, header: dict) -> dict[str, torch.Tensor] | N
         if (dtype is None or type(begin) is not int or type(end) is not int or not isinstance(shape, list)
                 or not all(type(d) is int and d >= 0 for d in shape)):
             return None
-        itemsize = _ITEMSIZE[dtype]
+        itemsize = dtype.itemsize
         strides, numel = [], 1
         for d in reversed(shape):
             strides.append(numel)

@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_ab_engine import Store, base_model  # noqa: E402
-from bench_serving import floor_seconds, peaks, wait_for_cpu_kernel  # noqa: E402
+from bench_ab_engine import Store, base_model, wait_for_cpu_kernel  # noqa: E402
+from bench_serving import floor_seconds, peaks  # noqa: E402
 
 from adapters_store.store import AdapterStore  # noqa: E402
 from adapters_store.synth import random_adapter  # noqa: E402

@@ -42,6 +42,9 @@ from adapters_store.synth import random_adapter  # noqa: E402
 from server.engine import Engine, EngineConfig, GenerateParams  # noqa: E402
 from server.engine.scheduler import Request  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ab_engine import wait_for_cpu_kernel  # noqa: E402
+
 METHODS = [("lora", 8, False), ("dora", 8, False), ("adalora", 16, True), ("aroma", 12, True),
            ("mor", 4, False), ("edora", 4, False), ("lora", 16, False), ("lora", 4, False)]
 
@@ -251,21 +254,6 @@ def _adapter_macs(adapter: CompiledAdapter, base: BaseModel) -> int:
         d_in, d_out = base.targets[path]
         macs += mw.rank * d_in + mw.effective_rank * d_out + mw.num_experts * d_in
     return macs
-
-
-def wait_for_cpu_kernel() -> None:
-    """Measure the steady state: build (or load) the fused CPU kernel before the first round, so no
-    round runs on the torch formulations while it compiles on a background thread (an older tree
-    without the kernel measures as it is)."""
-    try:
-        from server.lora.ops import cpu_kernel
-    except ImportError:
-        print("(no fused CPU kernel in this tree)")
-        return
-    t = time.perf_counter()
-    ready = cpu_kernel.get(wait=True) is not None
-    print(f"(fused CPU kernel {'ready' if ready else 'unavailable: ' + str(cpu_kernel.error())}"
-          f" after {time.perf_counter() - t:.1f} s)")
 
 
 def main() -> None:

@@ -86,16 +86,6 @@ class ModuleSlots:
             _filled=[0] * num_slots,
         )
 
-    @torch.no_grad()
-    def write(self, slot: int, mor_entry: int, mw: ModuleWeights | None) -> None:
-        """Copy one module of an adapter into its slot (casting to the pool dtype); ``mw`` None (module absent,
-        rank 0) clears the slot so it contributes nothing. The pool writes all modules at once instead
-        (``stage`` each, then ``run_staged``)."""
-        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        zeros: list[torch.Tensor] = []
-        self.ranks[slot] = self.stage(slot, mor_entry, mw, copies, zeros)
-        run_staged(copies, zeros)
-
     def stage(self, slot: int, mor_entry: int, mw: ModuleWeights | None, copies: list[tuple[torch.Tensor, torch.Tensor]],
               zeros: list[torch.Tensor]) -> int:
         """Queue this module's part of a slot write: (destination, source) copies and regions to zero, run
