@@ -231,20 +231,35 @@ def validate_bytes(data: bytes | str | Path, base: BaseModel | None, limits: Lim
     if looks_pickled(data):
         raise PickleRefused("the file is a pickle/zip payload (torch.save?), not safetensors; refused, never opened")
     entries, header_meta = read_header(data, limits.max_header_bytes)  # container checks; raises on its own
-    key = None if digest is None else (digest, None if base is None else (base.name, base.fingerprint), limits)
-    with _PASSED_LOCK:
-        known = key is not None and key in _PASSED
-        if known:
-            _PASSED.move_to_end(key)
-    if known:
+    if digest is not None and passed(digest, base, limits):
         return from_state_dict(load_tensors(data, entries), AdapterMeta.from_header(header_meta))
     adapter = _validated(header_meta, lambda: load_tensors(data, entries), base, limits)
-    if key is not None:
-        with _PASSED_LOCK:
-            _PASSED[key] = None
-            while len(_PASSED) > PASSED_MAX:
-                _PASSED.popitem(last=False)
+    if digest is not None:
+        remember_passed(digest, base, limits)
     return adapter
+
+
+def _passed_key(digest: str, base: BaseModel | None, limits: Limits) -> tuple:
+    return digest, None if base is None else (base.name, base.fingerprint), limits
+
+
+def passed(digest: str, base: BaseModel | None, limits: Limits) -> bool:
+    """Whether bytes with this sha256 passed every check against this base and these limits in this process
+    (then ``validate_bytes`` skips the per-value checks of a reload)."""
+    key = _passed_key(digest, base, limits)
+    with _PASSED_LOCK:
+        if key not in _PASSED:
+            return False
+        _PASSED.move_to_end(key)
+        return True
+
+
+def remember_passed(digest: str, base: BaseModel | None, limits: Limits) -> None:
+    """Record that bytes with this sha256 passed every check (here, or in this server's loader process)."""
+    with _PASSED_LOCK:
+        _PASSED[_passed_key(digest, base, limits)] = None
+        while len(_PASSED) > PASSED_MAX:
+            _PASSED.popitem(last=False)
 
 
 PASSED_MAX = 1 << 16  # digests remembered as validated (a few MB)

@@ -39,6 +39,7 @@ class EngineConfig:
     hang_timeout_s: float = 120.0  # a step longer than this marks the engine unhealthy
     merge_single_adapter: bool = False
     async_adapter_loads: bool = True  # read adapters from the store on loader threads, not the engine thread
+    loader_processes: int = 0  # >0: loader threads hand cold loads to this many processes (load_process)
     seed: int = 0
 
 
@@ -66,6 +67,7 @@ class Settings:
     kv_block_size: int = 16
     gpu_memory_utilization: float = 0.9
     cpu_cache_bytes: int = 0  # 0 = sized from the host's available memory
+    loader_processes: int = 0  # cold adapter loads in this many separate processes (0 = loader threads only)
     slot_wait: float = 30.0  # seconds a request waits for a free adapter slot before 503
     max_upload_bytes: int = 256 * MiB
     max_body_bytes: int = 2 * MiB  # JSON request bodies
@@ -99,6 +101,7 @@ class Settings:
                             max_model_len=self.max_model_len, kv_cache_bytes=self.kv_cache_bytes,
                             kv_block_size=self.kv_block_size, gpu_memory_utilization=self.gpu_memory_utilization,
                             max_slots=self.max_slots, max_rank=self.max_rank, cpu_cache_bytes=self.cpu_cache_bytes,
+                            loader_processes=self.loader_processes,
                             request_timeout_s=self.request_timeout, slot_wait_s=self.slot_wait,
                             merge_single_adapter=self.merge, hang_timeout_s=self.hang_timeout)
 
@@ -126,6 +129,8 @@ _HELP = {
     "kv_block_size": "tokens per KV cache block",
     "gpu_memory_utilization": "CUDA: share of device memory that weights, adapter slots and the KV cache may fill",
     "cpu_cache_bytes": "bytes of adapters kept in host memory (the CPU tier); 0 = 1/8 of available memory",
+    "loader_processes": "read, check and pack cold adapters in this many worker processes instead of threads of the "
+                        "server's own interpreter (local-directory stores; 0 = threads only)",
     "slot_wait": "seconds a request waits for a free adapter slot before 503",
     "max_upload_bytes": "adapter upload cap, enforced while streaming (413)",
     "max_body_bytes": "JSON request body cap (413)",
@@ -221,7 +226,7 @@ def check(s: Settings) -> None:
         if getattr(s, name) < 1:
             problems.append(f"{_flag(name)} must be positive, got {getattr(s, name)}")
     for name in ("port", "kv_cache_bytes", "cpu_cache_bytes", "store_cache_bytes", "tenant_max_adapters",
-                 "tenant_max_bytes"):
+                 "tenant_max_bytes", "loader_processes"):
         # 0: any free port / sized from the machine / unlimited
         if getattr(s, name) < 0:
             problems.append(f"{_flag(name)} must be >= 0, got {getattr(s, name)}")

@@ -65,7 +65,7 @@ class Engine:
                                                             cfg.max_rank, cfg.cpu_cache_bytes or host_share_bytes())
         self._wake = threading.Event()
         self.residency = AdapterResidency(self.pool, store, base, metrics, prefetch=cfg.async_adapter_loads,
-                                          on_loaded=self._wake.set)
+                                          on_loaded=self._wake.set, loader_processes=cfg.loader_processes)
         self.merging = MergePolicy(self.pool, cfg.merge_single_adapter, metrics=metrics)
         self.cache = self.runner = None
         kv: PagedKVCache | NoKVCache = NoKVCache()  # encoder bases generate nothing

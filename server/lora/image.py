@@ -18,6 +18,7 @@ holds one copy. MoR and out_scale (DoRA, EDoRA) adapters keep the per-module wri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -77,10 +78,12 @@ def prepare(adapter: CompiledAdapter, slots: dict[str, ModuleSlots], layout: Lay
     return (for_slots(adapter), (need, None)) if packed is None else (packed[0], (need, packed[1]))
 
 
-def pack(adapter: CompiledAdapter, layout: Layout) -> tuple[CompiledAdapter, Packed] | None:
+def pack(adapter: CompiledAdapter, layout: Layout, alloc: Alloc | None = None
+         ) -> tuple[CompiledAdapter, Packed] | None:
     """(the same adapter with its A and B as views of the packed tensors, the packed form), or None when the
     per-module write must serve it (MoR, out_scale, mixed dtypes, no module). Shapes must already fit the
-    pool (``buffers.check_fit``)."""
+    pool (``buffers.check_fit``). ``alloc(shape, dtype)`` gives each group's tensor (default: a new one); a
+    loader process packs straight into the buffer it hands over (``server.lora.load_process``)."""
     modules = adapter.modules
     if not modules or any(mw.gate is not None or mw.out_scale is not None for mw in modules.values()):
         return None
@@ -91,27 +94,51 @@ def pack(adapter: CompiledAdapter, layout: Layout) -> tuple[CompiledAdapter, Pac
     rows = max(mw.rank for mw in modules.values())
     if rows == 0:
         return None
-    a = [_group([modules.get(p) for p in ps], rows, d, dtype, lambda mw: mw.lora_a) for d, ps in layout.a_groups]
-    bt = [_group([modules.get(p) for p in ps], rows, d, dtype, lambda mw: mw.lora_b.T) for d, ps in layout.bt_groups]
-    views: dict[str, list[torch.Tensor]] = {}
-    for tables, groups in ((a, layout.a_groups), (bt, layout.bt_groups)):
-        for t, (_, ps) in zip(tables, groups, strict=True):
-            for i, p in enumerate(ps):
-                views.setdefault(p, []).append(t[i])
-    repacked = {p: ModuleWeights(lora_a=views[p][0][:mw.rank], lora_b=views[p][1][:mw.rank].T)
-                for p, mw in modules.items()}
+    alloc = alloc or (lambda shape, dt: torch.empty(shape, dtype=dt))
+    a = [_group([modules.get(p) for p in ps], rows, d, dtype, lambda mw: mw.lora_a, alloc)
+         for d, ps in layout.a_groups]
+    bt = [_group([modules.get(p) for p in ps], rows, d, dtype, lambda mw: mw.lora_b.T, alloc)
+          for d, ps in layout.bt_groups]
+    ranks = {p: mw.rank for p, mw in modules.items()}
     head = {} if adapter.head_weight is None else {  # own copies: views would pin the whole file's buffer
         "head_weight": adapter.head_weight.clone(),
         "head_bias": None if adapter.head_bias is None else adapter.head_bias.clone()}
-    ranks = torch.tensor([modules[p].rank if p in modules else 0 for p in layout.paths], dtype=torch.int32)
-    return replace(adapter, modules=repacked, **head), Packed(rows, a, bt, ranks)
+    packed = Packed(rows, a, bt, rank_table(layout, ranks))
+    return replace(adapter, modules=module_views(packed, layout, ranks), **head), packed
 
 
-def _group(mws: list[ModuleWeights | None], rows: int, width: int, dtype: torch.dtype, part) -> torch.Tensor:
+Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def packed_shapes(layout: Layout, rows: int) -> list[tuple[int, int, int]]:
+    """The shapes ``pack`` gives its groups, A groups first, then the B^T groups."""
+    return [(len(ps), rows, d) for d, ps in (*layout.a_groups, *layout.bt_groups)]
+
+
+def rank_table(layout: Layout, ranks: dict[str, int]) -> torch.Tensor:
+    """int32 [len(layout.paths)]: each module's rank, 0 where the adapter has none."""
+    return torch.tensor([ranks.get(p, 0) for p in layout.paths], dtype=torch.int32)
+
+
+def module_views(packed: Packed, layout: Layout, ranks: dict[str, int]) -> dict[str, ModuleWeights]:
+    """Each module of ``ranks`` as views of the packed tensors: A = rows [:r] of its A-group entry, B = the
+    transpose of rows [:r] of its B^T-group entry (what ``pack`` copied there)."""
+    views: dict[str, list[torch.Tensor]] = {}
+    for tables, groups in ((packed.a, layout.a_groups), (packed.bt, layout.bt_groups)):
+        for t, (_, ps) in zip(tables, groups, strict=True):
+            for i, p in enumerate(ps):
+                if p in ranks:
+                    views.setdefault(p, []).append(t[i])
+    return {p: ModuleWeights(lora_a=views[p][0][:r], lora_b=views[p][1][:r].T) for p, r in ranks.items()}
+
+
+def _group(mws: list[ModuleWeights | None], rows: int, width: int, dtype: torch.dtype, part,
+           alloc: Alloc) -> torch.Tensor:
     """[len(mws), rows, width]: one stack when every module is present at full rank, else zero-padded."""
+    out = alloc((len(mws), rows, width), dtype)
     if all(mw is not None and mw.rank == rows for mw in mws):
-        return torch.stack([part(mw) for mw in mws])
-    out = torch.zeros(len(mws), rows, width, dtype=dtype)
+        return torch.stack([part(mw) for mw in mws], out=out)
+    out.zero_()
     for i, mw in enumerate(mws):
         if mw is not None and mw.rank:
             out[i, :mw.rank] = part(mw)

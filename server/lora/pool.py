@@ -212,12 +212,14 @@ class AdapterPool:
         through a slot copy); a stale answer costs one needless or one missed prefetch, nothing else."""
         return key in self._resident or key in self._cpu
 
-    def put_cpu(self, key: str, adapter: CompiledAdapter, hold_s: float = 0.0) -> None:
+    def put_cpu(self, key: str, adapter: CompiledAdapter, hold_s: float = 0.0,
+                prepared: tuple[int, Packed | None] | None = None) -> None:
         """Hold an adapter loaded elsewhere (the residency's loader threads) in the CPU tier, LRU-bounded.
         ``hold_s`` > 0: a prefetch for a waiting request; no eviction takes it before its first acquire (or
-        before ``hold_s`` seconds pass), even if the tier must run over its bytes meanwhile."""
-        # on the caller's (loader) thread, before the lock: the fit check and the packed form (image.py)
-        adapter, prepared = prepare(adapter, self.slots, self.layout, self.max_rank, self.max_experts)
+        before ``hold_s`` seconds pass), even if the tier must run over its bytes meanwhile. ``prepared``:
+        its fit and packed form made already (a loader process: ``load_process``), else made here."""
+        if prepared is None:  # on the caller's (loader) thread, before the lock: fit check and packing (image.py)
+            adapter, prepared = prepare(adapter, self.slots, self.layout, self.max_rank, self.max_experts)
         with self._lock:
             if key not in self._resident and key not in self._cpu:
                 self._stats.misses["cpu"] += 1  # the loader thread's read; the acquire that follows is a hit

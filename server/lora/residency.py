@@ -37,6 +37,7 @@ from adapters_store.format import AdapterFormatError, CompiledAdapter
 from adapters_store.tenancy import resolve
 from server.common.errors import AdapterLoadFailed, TaskMismatch, Unavailable, UnknownAdapter
 from server.common.metrics import Metrics
+from server.lora.load_process import LoaderProcesses, init_message
 from server.lora.pool import AdapterPool, PoolExhausted
 
 log = logging.getLogger("rankserve.residency")
@@ -80,7 +81,8 @@ class AdapterResidency:
     MAX_FAILED = 1024
 
     def __init__(self, pool: AdapterPool, store, base: BaseModel, metrics: Metrics | None,
-                 prefetch: bool = True, loader_threads: int = 2, on_loaded: Callable[[], None] | None = None):
+                 prefetch: bool = True, loader_threads: int = 2, on_loaded: Callable[[], None] | None = None,
+                 loader_processes: int = 0):
         self.pool = pool
         self.base = base
         self.store = store
@@ -93,6 +95,11 @@ class AdapterResidency:
         self._loads_lock = threading.Lock()
         self._executor = (ThreadPoolExecutor(loader_threads, thread_name_prefix="rankserve-adapter-load")
                           if prefetch else None)
+        # loads in other processes, the loader threads only waiting on them (load_process); started at the
+        # first prefetch, so an engine that never reads an adapter never starts one
+        self._loader_processes = loader_processes if prefetch else 0
+        self._procs: LoaderProcesses | None = None
+        self._procs_lock = threading.Lock()
 
     def prefetch(self, adapter_id: str, digest: str, store_key: str | None = None) -> None:
         """Any thread (submit): start loading this version on a loader thread unless it is resident, in the
@@ -130,10 +137,33 @@ class AdapterResidency:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._procs_lock:
+            self._loader_processes = 0
+            if self._procs is not None:
+                self._procs.close()
+
+    def _processes(self) -> LoaderProcesses | None:
+        with self._procs_lock:
+            if self._procs is None and self._loader_processes > 0:
+                init = init_message(self.store, self.base, self.pool.layout, self.pool.max_rank,
+                                    self.pool.max_experts)
+                if init is None:  # a store other processes cannot read: threads only
+                    self._loader_processes = 0
+                    return None
+                self._procs = LoaderProcesses(self._loader_processes, init)
+            return self._procs
 
     def _fetch(self, adapter_id: str, digest: str, store_key: str | None) -> None:
         start = time.monotonic()
         try:
+            procs = self._processes()
+            got = procs.load(store_key or adapter_id, digest) if procs is not None else None
+            if got is not None:  # read, validated and packed in a loader process
+                self.pool.put_cpu(digest, got[0], hold_s=PREFETCH_HOLD_S, prepared=got[1])
+                if self.metrics is not None:
+                    self.metrics.adapter_loads.labels(result="ok").inc()
+                    self.metrics.adapter_load_duration.labels(source="disk").observe(time.monotonic() - start)
+                return
             adapter = self._loader(adapter_id, store_key, digest, [])()
             self.pool.put_cpu(digest, adapter, hold_s=PREFETCH_HOLD_S)
             if self.metrics is not None:
