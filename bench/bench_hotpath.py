@@ -11,8 +11,9 @@ each (``ignore_eos``), submitted at once. Engine settings are the server's defau
   fixture S (hidden 256, 4 layers)   base | one adapter | one adapter, merge off | 5 adapters |
                                       5 adapters with the rows gather forced (the op's choice before)
   fixture M (hidden 512, 8 layers)   base | one adapter | 16 adapters | HF ``generate`` base-only
-  cold (fixture S, a real on-disk store of --cold adapters): every request on an adapter in no tier
-                                      vs the same requests over 5 warm adapters (tokens/s, TTFT p99)
+  cold (fixture S, a real on-disk store of --cold adapters): every request on an adapter in no tier, read
+                                      on loader threads | in a loader process | into the CPU tier before
+                                      the round; vs the same requests over 5 and over 32 warm adapters
 
 Each case runs --rounds times, cases interleaved; each keeps its best round. Two figures per case:
 wall-clock tokens/s and tokens per CPU-second of this process (the engine runs in-process with one
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import sys
 import tempfile
@@ -46,9 +48,10 @@ from server.engine import Engine, EngineConfig, GenerateParams  # noqa: E402
 PROMPT_LEN = 16
 
 
-def engine_for(base, store, merge: bool = True, streams: int = 32) -> Engine:
+def engine_for(base, store, merge: bool = True, streams: int = 32, loader_processes: int = 0) -> Engine:
     eng = Engine(base, store, EngineConfig(max_running=streams, max_batch_tokens=512, max_model_len=256,
-                                           kv_cache_bytes=64 << 20, merge_single_adapter=merge))
+                                           kv_cache_bytes=64 << 20, merge_single_adapter=merge,
+                                           loader_processes=loader_processes))
     eng.start()
     return eng
 
@@ -184,7 +187,33 @@ def fixture_m(args, pf: float, bw: float) -> None:
           f"{args.tokens} tokens", runs, floors, args.tokens)
 
 
+class StepWaits:
+    """Per engine, the seconds its thread spent inside steps without running (step wall minus the thread's
+    CPU): waiting for the GIL or for a core. Bench-only instrumentation of ``Engine._step``."""
+
+    def __init__(self) -> None:
+        self.waits: dict[int, float] = {}
+        inner = Engine._step
+        waits = self.waits
+
+        def timed(eng, chunks):
+            t, c = time.perf_counter(), time.thread_time()
+            try:
+                inner(eng, chunks)
+            finally:
+                waits[id(eng)] = waits.get(id(eng), 0.0) + (time.perf_counter() - t) - (time.thread_time() - c)
+
+        Engine._step = timed  # type: ignore[method-assign]
+
+    def take(self, eng: Engine) -> float:
+        return self.waits.pop(id(eng), 0.0)
+
+
 def cold(args, pf: float, bw: float) -> None:
+    """Every request on a cold adapter (in no tier), three ways: read on the loader threads (the default), in
+    a loader process (``--loader-processes 1``), and read into the CPU tier before the round starts (what a
+    free load would give: the cost of 32 distinct adapters per step and of the slot writes only). Each cold
+    round takes the next --cold-requests adapters of the store, cycling, after dropping the engine's CPU tier."""
     base = base_model(256, 4)
     tmp = Path(tempfile.mkdtemp(prefix="rankserve-hotpath-"))
     store = AdapterStore(tmp / "store")
@@ -196,48 +225,83 @@ def cold(args, pf: float, bw: float) -> None:
         if i < args.streams:
             wave[f"c{i}"] = adapter
     print(f"\n(cold store: {args.cold} adapters written in {time.perf_counter() - t:.0f} s)")
+    waits = StepWaits()
     warm = engine_for(base_model(256, 4), store)
-    coldeng = engine_for(base_model(256, 4), AdapterStore(tmp / "store"))
+    cold_threads = engine_for(base_model(256, 4), AdapterStore(tmp / "store"))
+    cold_process = engine_for(base_model(256, 4), AdapterStore(tmp / "store"), loader_processes=1)
+    procs = cold_process.residency._processes()
+    print(f"(loader process {'ready' if procs is not None and procs.wait_ready(120) else 'NOT available'})")
     n = min(args.cold, args.cold_requests)
     streams = min(args.streams, n)
-    fresh = iter(range(args.cold))
+    fresh = itertools.cycle(range(args.cold))
     spread = f"{streams} warm adapters"
-    runs: dict[str, list[dict]] = {"base": [], "5 warm adapters": [], spread: [],
-                                   f"each request a cold adapter (of {args.cold})": []}
+    c_threads, c_process, c_before = ("cold, loader threads (default)", "cold, a loader process",
+                                      "cold, read before the round")
+    runs: dict[str, list[dict]] = {"base": [], "5 warm adapters": [], spread: [], c_threads: [], c_process: [],
+                                   c_before: []}
+    wait_s: dict[str, list[float]] = {k: [] for k in runs}
+
+    def timed(case: str, eng: Engine, ids: list[str | None]) -> None:
+        waits.take(eng)
+        runs[case].append(run(eng, ids, args.tokens))
+        wait_s[case].append(waits.take(eng))
+
+    def cold_round(case: str, eng: Engine, before: bool = False) -> None:
+        eng.pool.free_memory()
+        ids = [f"c{next(fresh)}" for _ in range(n)]
+        if before:
+            for a in ids:
+                eng.residency.prefetch(a, store.get(a).digest)
+            while any(eng.residency.loading(store.get(a).digest) for a in ids):
+                time.sleep(0.005)
+        timed(case, eng, ids)
+
     try:
         run(warm, [f"c{i % streams}" for i in range(n)], args.tokens)  # warm up the first --streams
         for _ in range(args.rounds):
-            runs["base"].append(run(warm, [None] * n, args.tokens))
-            runs["5 warm adapters"].append(run(warm, [f"c{i % 5}" for i in range(n)], args.tokens))
-            runs[spread].append(run(warm, [f"c{i % streams}" for i in range(n)], args.tokens))
-            ids = [f"c{next(fresh, None)}" for _ in range(n)]
-            if "cNone" in ids:
-                break
-            runs[f"each request a cold adapter (of {args.cold})"].append(run(coldeng, ids, args.tokens))
+            timed("base", warm, [None] * n)
+            timed("5 warm adapters", warm, [f"c{i % 5}" for i in range(n)])
+            timed(spread, warm, [f"c{i % streams}" for i in range(n)])
+            cold_round(c_threads, cold_threads)
+            cold_round(c_process, cold_process)
+            cold_round(c_before, cold_threads, before=True)
     finally:
-        warm.shutdown()
-        coldeng.shutdown()
+        for eng in (warm, cold_threads, cold_process):
+            eng.shutdown()
     # Floors per wave of --streams requests (the engine runs that many at once), times the waves: a step
     # reads the base and the adapters of the requests it runs, never all of the round's.
     waves = -(-n // args.streams)
-    cold_name = f"each request a cold adapter (of {args.cold})"
+    distinct = waves * floor_of(base, wave, list(wave)[:streams], args.tokens, pf, bw)
     floors = {"base": waves * floor_of(base, wave, [None] * streams, args.tokens, pf, bw),
               "5 warm adapters": waves * floor_of(base, wave, [f"c{i % 5}" for i in range(streams)], args.tokens, pf, bw),
-              spread: waves * floor_of(base, wave, list(wave)[:streams], args.tokens, pf, bw),
-              cold_name: waves * floor_of(base, wave, list(wave)[:streams], args.tokens, pf, bw)}
+              spread: distinct, c_threads: distinct, c_process: distinct, c_before: distinct}
     table(f"cold adapters: hidden 256, 4 layers, {n} requests at once x {args.tokens} tokens, a real store on disk",
           runs, floors, args.tokens)
-    # the issue's figures: the cold case against the 5 warm adapters, paired within each round
-    pairs = list(zip(runs[cold_name], runs["5 warm adapters"], runs[spread], strict=False))
-    if pairs:
-        def med(f) -> float:
-            return statistics.median(f(c, w5, w32) for c, w5, w32 in pairs)
-        print(f"  cold / 5 warm: tok/s {med(lambda c, w5, _: c['tok_s'] / w5['tok_s']):.2f}, "
-              f"tok/CPU-s {med(lambda c, w5, _: c['tok_cpu'] / w5['tok_cpu']):.2f}, "
-              f"TTFT p99 {med(lambda c, w5, _: c['ttft_p99'] / w5['ttft_p99']):.2f}; "
-              f"cold / {spread}: tok/s {med(lambda c, _, w: c['tok_s'] / w['tok_s']):.2f} "
-              f"(medians over {len(pairs)} rounds)")
-
+    print("  engine thread waiting inside its steps (step wall - step CPU), s per round, median: "
+          + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in wait_s.items() if v))
+    # The floor is max(compute, bytes) (DESIGN.md section 7). On one core the base's GEMMs (compute-bound)
+    # and the distinct adapters' reads (memory-bound, a separate op) run one after the other, so the
+    # bound that core can reach is their sum: the 32-distinct case against the 5-adapter one.
+    per_step = {k: sum(wave[a].num_bytes() for a in set(ids)) for k, ids in
+                (("5", [f"c{i % 5}" for i in range(streams)]), ("spread", list(wave)[:streams]))}
+    flops = waves * floor_of(base, wave, [None] * streams, args.tokens, pf, float("inf"))
+    seq = {k: flops + waves * args.tokens * b / bw for k, b in per_step.items()}
+    print(f"  sequential bound (base compute + distinct adapters' bytes, one after the other): {spread} / 5 warm "
+          f"= {seq['5'] / seq['spread']:.2f} ({per_step['spread'] / 1e6:.1f} MB of adapters per step against "
+          f"{per_step['5'] / 1e6:.1f} MB)")
+    # the issue's figures: each cold case against the 5 warm adapters, paired within each round
+    for case in (c_threads, c_process, c_before):
+        pairs = list(zip(runs[case], runs["5 warm adapters"], runs[spread], strict=False))
+        if pairs:
+            def med(f, pairs=pairs) -> float:
+                return statistics.median(f(c, w5, w32) for c, w5, w32 in pairs)
+            print(f"  {case} / 5 warm: tok/s {med(lambda c, w5, _: c['tok_s'] / w5['tok_s']):.2f}, "
+                  f"tok/CPU-s {med(lambda c, w5, _: c['tok_cpu'] / w5['tok_cpu']):.2f}, "
+                  f"TTFT p99 {med(lambda c, w5, _: c['ttft_p99'] / w5['ttft_p99']):.2f}; "
+                  f"/ {spread}: tok/s {med(lambda c, _, w: c['tok_s'] / w['tok_s']):.2f} "
+                  f"(medians over {len(pairs)} rounds)")
+    if procs is not None:
+        print(f"  (the loader process served {procs.served} loads)")
 
 
 def main() -> None:

@@ -35,3 +35,35 @@ def test_switched_off_it_never_builds(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_state", {})
     cpu_kernel.start()
     assert cpu_kernel._state == {} and cpu_kernel.get() is None
+
+
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="no g++/ninja: the torch formulations serve")
+@pytest.mark.parametrize("R", [0, 1, 3, 4, 5, 8, 9, 16])
+def test_the_kernel_equals_a_plain_loop(R):
+    """Every path of the loop: rank rows in blocks of four and the tail, blocks of padding (the zero row),
+    a token table and the identity one, consecutive tokens on one adapter and on different ones."""
+    kernel = cpu_kernel.get(wait=True)
+    assert kernel is not None, cpu_kernel.error()
+    g = torch.Generator().manual_seed(R)
+    din, dout, slots, N = 37, 29, 5, 23
+    a = torch.randn(slots * max(R, 1) + 1, din, generator=g)
+    bt = torch.randn(slots * max(R, 1) + 1, dout, generator=g)
+    zero = a.shape[0] - 1
+    a[zero], bt[zero] = 0, 0
+    slot_of = torch.randint(0, slots, (N,), generator=g)
+    slot_of[5:9] = slot_of[4]  # a run of tokens on one adapter
+    ranks = torch.randint(0, R + 1, (slots,), generator=g)
+    rows = torch.full((N, R), zero, dtype=torch.long)
+    for i in range(N):
+        s, r = int(slot_of[i]), int(ranks[slot_of[i]])
+        rows[i, :r] = torch.arange(s * R, s * R + r)
+    for tok in (torch.empty(0, dtype=torch.long), torch.randperm(N + 4, generator=g)[:N]):
+        x = torch.randn(N + 4, din, generator=g)
+        y = torch.randn(N + 4, dout, generator=g)
+        want = y.clone()
+        for i in range(N):
+            t = int(tok[i]) if tok.numel() else i
+            for j in range(R):
+                want[t] += (x[t] @ a[rows[i, j]]) * bt[rows[i, j]]
+        kernel.bgmv_(x, y, a, bt, rows, tok)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
