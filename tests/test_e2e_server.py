@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from adapters_store.synth import random_adapter
 from tests.util_server import LiveServer, compiled_bytes, metric, multipart, peft_files, sse_events, wait_for
 
 ADMIN, INFER, INFER_A = "sk-e2e-admin", "sk-e2e-infer", "sk-e2e-tenant-a"
@@ -91,6 +92,27 @@ def test_upload_generate_classify_concurrently_then_delete_and_reupload(llama, t
     again = user.post("/v1/completions", json=gen_body("e-lora")).json()["choices"][0]["text"]
     assert again != alone["e-lora"]
     assert leftovers(llama) == []
+
+
+def test_cold_lora_adapters_load_in_the_loader_process(llama, tiny_llama):
+    """The server's default (--loader-processes 1): once its worker has started (it imports torch while the
+    server already serves; loads before that run on the loader threads), cold LoRA adapters are read,
+    checked and packed there and serve. (Equality with the thread path: tests/test_load_process.py.)"""
+    admin, user = llama.client(ADMIN), llama.client(INFER)
+    base_text = user.post("/v1/completions", json=gen_body("tiny-llama", n=8)).json()["choices"][0]["text"]
+    deadline, changed = time.monotonic() + 60, 0
+    for i in range(1000):  # a new adapter (new bytes, so never in any tier) until one went through the worker
+        data = random_adapter(tiny_llama, "lora", 4, seed=400 + i, std=0.1).to_bytes()
+        assert admin.post("/v1/adapters", **multipart(f"late-{i}", {"a.safetensors": data})).status_code == 201
+        r = user.post("/v1/completions", json=gen_body(f"late-{i}", n=8))
+        assert r.status_code == 200, r.text
+        changed += r.json()["choices"][0]["text"] != base_text
+        assert admin.delete(f"/v1/adapters/late-{i}").status_code == 200
+        if "adapter loader processes serve cold loads" in llama.logs() or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "adapter loader processes serve cold loads" in llama.logs(), "no load went through the loader process"
+    assert changed >= 1
 
 
 def test_stream_arrives_incrementally(llama):

@@ -73,7 +73,7 @@ def test_engine_sizes_reach_the_engine_config_from_flags_and_env():
         1 << 20, 4096, 2.5, 32, 0.5)
     d = parse().engine_config()
     assert d.kv_cache_bytes == 0 and d.cpu_cache_bytes == 0  # sized from the machine at start-up
-    assert d.loader_processes == 0 and parse(env={"RANKSERVE_LOADER_PROCESSES": "2"}).engine_config().loader_processes == 2
+    assert d.loader_processes == 1 and parse(env={"RANKSERVE_LOADER_PROCESSES": "0"}).engine_config().loader_processes == 0
 
 
 def test_bad_flag_exits_with_usage_error(capsys):

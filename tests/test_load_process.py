@@ -135,3 +135,17 @@ def test_engine_with_a_loader_process_equals_the_thread_loads(tiny_llama, tmp_pa
     while eng.residency._procs._workers[0].proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert eng.residency._procs._workers[0].proc.poll() is not None  # shutdown ends the worker
+
+
+def test_a_worker_that_fails_to_start_turns_the_process_path_off(tiny_llama, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    store.put("x", random_adapter(tiny_llama, "lora", 4, seed=1).to_bytes(), base=tiny_llama)
+    pool = AdapterPool(tiny_llama, "cpu", torch.float32, buckets=[(8, 2)], cpu_bytes=1 << 30)
+    init = init_message(store, tiny_llama, pool.layout, pool.max_rank, pool.max_experts)
+    (tmp_path / "a-file").write_text("")
+    procs = LoaderProcesses(1, {**init, "root": str(tmp_path / "a-file")})  # its store root cannot be opened
+    try:
+        assert not procs.wait_ready(120)
+        assert procs.load("x", store.get("x").digest) is None and not procs.alive()
+    finally:
+        procs.close()

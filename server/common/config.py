@@ -67,7 +67,7 @@ class Settings:
     kv_block_size: int = 16
     gpu_memory_utilization: float = 0.9
     cpu_cache_bytes: int = 0  # 0 = sized from the host's available memory
-    loader_processes: int = 0  # cold adapter loads in this many separate processes (0 = loader threads only)
+    loader_processes: int = 1  # cold adapter loads in this many separate processes (0 = loader threads only)
     slot_wait: float = 30.0  # seconds a request waits for a free adapter slot before 503
     max_upload_bytes: int = 256 * MiB
     max_body_bytes: int = 2 * MiB  # JSON request bodies

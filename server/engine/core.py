@@ -99,6 +99,7 @@ class Engine:
             return
         self._thread = threading.Thread(target=self._loop, name="rankserve-engine", daemon=True)
         self._thread.start()
+        self.residency.start_processes()  # the loader processes import torch meanwhile (seconds)
 
     def drain(self, timeout: float) -> bool:
         """Stop admitting (new submits get Unavailable); True once everything in flight has finished."""

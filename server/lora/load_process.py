@@ -166,8 +166,13 @@ class _Worker:
 
     def poll_ready(self, timeout: float) -> bool:
         if not self.ready and not self.dead and self._readable(timeout):
-            self.ready = pickle.load(self.out) == ("ready",)
-            self.dead = not self.ready
+            try:
+                self.ready = pickle.load(self.out) == ("ready",)
+            except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:  # it died starting
+                log.warning("adapter loader process %d did not start (%s: %s); loading on threads",
+                            self.proc.pid, type(e).__name__, e)
+            if not self.ready:
+                self.kill()
         return self.ready
 
     def request(self, key: str, digest: str, known: bool) -> tuple[tuple, torch.Tensor | None]:
@@ -214,7 +219,14 @@ class LoaderProcesses:
         self.spec: BaseSpec = init["spec"]
         self.limits = init["limits"]
         self._idle: queue.Queue[_Worker] = queue.Queue()
-        self._workers = [_Worker(init) for _ in range(n)]
+        self._workers: list[_Worker] = []
+        try:
+            for _ in range(n):
+                self._workers.append(_Worker(init))
+        except BaseException:
+            for w in self._workers:
+                w.kill()
+            raise
         for w in self._workers:
             self._idle.put(w)
         self._closed = threading.Event()
@@ -255,6 +267,9 @@ class LoaderProcesses:
             adapter = CompiledAdapter(AdapterMeta.from_header(header_meta), module_views(packed, self.layout, ranks))
             remember_passed(digest, self.spec, self.limits)  # checked there: a reload here parses only
             self.served += 1
+            if self.served == 1:
+                log.info("adapter loader processes serve cold loads (%d, pids %s)", len(self._workers),
+                         ", ".join(str(x.proc.pid) for x in self._workers))
             return adapter, (need, packed)
         finally:
             self._idle.put(w)

@@ -95,8 +95,8 @@ class AdapterResidency:
         self._loads_lock = threading.Lock()
         self._executor = (ThreadPoolExecutor(loader_threads, thread_name_prefix="rankserve-adapter-load")
                           if prefetch else None)
-        # loads in other processes, the loader threads only waiting on them (load_process); started at the
-        # first prefetch, so an engine that never reads an adapter never starts one
+        # loads in other processes, the loader threads only waiting on them (load_process); started with
+        # the engine (``start_processes``), used once they have imported torch
         self._loader_processes = loader_processes if prefetch else 0
         self._procs: LoaderProcesses | None = None
         self._procs_lock = threading.Lock()
@@ -142,6 +142,9 @@ class AdapterResidency:
             if self._procs is not None:
                 self._procs.close()
 
+    def start_processes(self) -> None:
+        self._processes()
+
     def _processes(self) -> LoaderProcesses | None:
         with self._procs_lock:
             if self._procs is None and self._loader_processes > 0:
@@ -150,7 +153,12 @@ class AdapterResidency:
                 if init is None:  # a store other processes cannot read: threads only
                     self._loader_processes = 0
                     return None
-                self._procs = LoaderProcesses(self._loader_processes, init)
+                try:
+                    self._procs = LoaderProcesses(self._loader_processes, init)
+                except Exception as e:  # noqa: BLE001 - no worker (no interpreter to start, no memory): threads
+                    log.warning("adapter loader processes could not start (%s: %s); loading on threads",
+                                type(e).__name__, e)
+                    self._loader_processes = 0
             return self._procs
 
     def _fetch(self, adapter_id: str, digest: str, store_key: str | None) -> None:
