@@ -12,9 +12,10 @@ innermost loops are contiguous and vectorised by the compiler). fp32 only, no Mo
 other formulations serve those). With many distinct adapters in a step the rows come from memory, not
 cache (32 adapters x 28 modules of a hidden-256 model: 19 MB per step), so the loop is written for that:
 four rank rows per pass (four independent sums share each load of x in the shrink; one pass over y per
-four rows in the expand) and the next token's rows prefetched while this one computes, when they belong
-to another adapter (BENCHMARKS.md, "The hot path, fourth pass": 28 module calls of a 32-adapter decode
-step 1.41 -> 1.06 ms; within rounding of the old loop, ~1e-8 on outputs of ~0.1).
+four rows in the expand) and the start of the next token's rows prefetched while this one computes, when
+they belong to another adapter (BENCHMARKS.md, "The hot path, fourth pass": the 28 module calls of a
+32-adapter decode step 1.37 -> 1.06 ms, a 5-adapter one unchanged; ~1e-8 from the old loop's sums on
+outputs of ~0.1, rounding).
 
 The extension is compiled with torch's ``cpp_extension`` (g++ and ninja, both on the machine) on first use,
 about 30 s, into a directory of torch's extension cache named after the source, torch, Python and the CPU
@@ -75,10 +76,12 @@ void bgmv_(const torch::Tensor& x, torch::Tensor& y, const torch::Tensor& a, con
       const int64_t* rn = RW + (i + 1) * R;
       if (R > 0 && i + 1 < N && rn[0] != ri[0]) {  // another adapter next: its rows stream in while this token computes
         for (int64_t j = 0; j < R; ++j) {
+          // each row's first two lines: the hardware prefetcher follows a row once it is started, and
+          // whole-row prefetches cost more than they save when the rows are already cached
           const char* an = reinterpret_cast<const char*>(A + rn[j] * as);
-          for (int64_t k = 0; k < din * 4; k += 64) __builtin_prefetch(an + k, 0, 1);
           const char* bn = reinterpret_cast<const char*>(B + rn[j] * bs);
-          for (int64_t k = 0; k < dout * 4; k += 64) __builtin_prefetch(bn + k, 0, 1);
+          __builtin_prefetch(an, 0, 1); __builtin_prefetch(an + 64, 0, 1);
+          __builtin_prefetch(bn, 0, 1); __builtin_prefetch(bn + 64, 0, 1);
         }
       }
       // shrink, four rows at a time: four independent sums share each load of x
