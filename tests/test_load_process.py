@@ -149,3 +149,47 @@ def test_a_worker_that_fails_to_start_turns_the_process_path_off(tiny_llama, tmp
         assert procs.load("x", store.get("x").digest) is None and not procs.alive()
     finally:
         procs.close()
+
+
+def test_damaged_files_never_end_the_worker_and_agree_with_the_thread_path(tiny_llama, tmp_path):
+    """Files damaged on disk after they were stored (random byte flips, truncations), each asked for with
+    the digest of its damaged bytes: the worker serves exactly those the in-process path accepts, declines
+    the rest, and is still alive after all of them."""
+    import random
+
+    from adapters_store.backend import FILE
+    from adapters_store.validate import validate_bytes
+
+    store = AdapterStore(tmp_path / "store")
+    good = random_adapter(tiny_llama, "adalora", 6, seed=3, variable_rank=True).to_bytes()
+    store.put("x", good, base=tiny_llama)
+    path = store.backend.adapters / "x" / FILE
+    pool = AdapterPool(tiny_llama, "cpu", torch.float32, buckets=[(8, 2)], cpu_bytes=1 << 30)
+    procs = LoaderProcesses(1, init_message(store, tiny_llama, pool.layout, pool.max_rank, pool.max_experts))
+    rng = random.Random(7)
+    served = declined = 0
+    try:
+        assert procs.wait_ready(120)
+        for i in range(40):
+            data = bytearray(good)
+            if i % 4 == 3:
+                data = data[:rng.randrange(len(data))]
+            else:
+                for _ in range(rng.randint(1, 8)):  # header and body alike
+                    at = rng.randrange(min(len(data), 600)) if i % 2 else rng.randrange(len(data))
+                    data[at] = rng.randrange(256)
+            path.write_bytes(bytes(data))
+            digest = hashlib.sha256(data).hexdigest()
+            try:
+                ok = prepare(validate_bytes(bytes(data), tiny_llama, store.limits, digest), pool.slots, pool.layout,
+                             pool.max_rank, pool.max_experts)[1] is not None
+            except Exception:
+                ok = False
+            got = procs.load("x", digest)
+            assert (got is not None) == ok, i
+            served += got is not None
+            declined += got is None
+            assert procs.alive(), i
+    finally:
+        procs.close()
+    assert declined > 0 and served > 0  # the damage was real; flipped values can still be a valid adapter
