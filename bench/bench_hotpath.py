@@ -1,8 +1,9 @@
 """The hot-path issue's table in one run: every figure side by side, in-process through the engine, each
 beside its floor (DESIGN.md section 7), on random Llama weights (speed only, never quality).
 
-    RANKSERVE_CACHE=.cache .venv/bin/python bench/bench_hotpath.py              # ~10 min on 2 cores
+    RANKSERVE_CACHE=.cache .venv/bin/python bench/bench_hotpath.py              # ~15 min on 2 cores
     RANKSERVE_CACHE=.cache .venv/bin/python bench/bench_hotpath.py --quick      # fewer rounds and adapters
+    RANKSERVE_CACHE=.cache .venv/bin/python bench/bench_hotpath.py --only http  # the HTTP part alone (~5 min)
 
 Workload of every row: --streams concurrent greedy requests, 16-token random prompts, --tokens new tokens
 each (``ignore_eos``), submitted at once. Engine settings are the server's defaults that matter here
@@ -14,6 +15,9 @@ each (``ignore_eos``), submitted at once. Engine settings are the server's defau
   cold (fixture S, a real on-disk store of --cold adapters): every request on an adapter in no tier, read
                                       on loader threads | in a loader process | into the CPU tier before
                                       the round; vs the same requests over 5 and over 32 warm adapters
+  http (fixture M saved as a model directory, and SmolLM2): base | one adapter | 5 adapters | 16 adapters,
+                                      in-process and through `rankserve serve` (uvicorn, the server's own
+                                      flags, one torch thread), tokens counted from the server's usage
 
 Each case runs --rounds times, cases interleaved; each keeps its best round. Two figures per case:
 wall-clock tokens/s and tokens per CPU-second of this process (the engine runs in-process with one
@@ -26,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
+import json
 import statistics
 import sys
 import tempfile
@@ -187,6 +193,106 @@ def fixture_m(args, pf: float, bw: float) -> None:
           f"{args.tokens} tokens", runs, floors, args.tokens)
 
 
+def http_side(url: str, adapters: list[str | None], served_name: str, tokens: int, seed: int = 1) -> dict:
+    """``run``'s workload through the real server: the same prompts (token ids), all at once over keep-alive
+    connections, tokens counted from the server's own usage; TTFT is the first streamed token's."""
+    import httpx
+
+    ids = prompts(len(adapters), seed)
+
+    async def go() -> tuple[int, list[float]]:
+        t0 = time.perf_counter()
+        async with httpx.AsyncClient(base_url=url, timeout=600,
+                                     limits=httpx.Limits(max_connections=len(adapters))) as client:
+            async def one(p: list[int], a: str | None) -> tuple[int, float]:
+                body = {"model": a or served_name, "prompt": p, "max_tokens": tokens, "temperature": 0,
+                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                n, first = 0, None
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    if r.status_code != 200:
+                        raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        ev = json.loads(line[6:])
+                        if first is None and ev.get("choices") and ev["choices"][0].get("text") is not None:
+                            first = time.perf_counter() - t0
+                        if ev.get("usage"):
+                            n = ev["usage"]["completion_tokens"]
+                return n, first or 0.0
+
+            res = await asyncio.gather(*(one(p, a) for p, a in zip(ids, adapters, strict=True)))
+        return sum(n for n, _ in res), sorted(f for _, f in res)
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    n, ttft = asyncio.run(go())
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if n != len(adapters) * tokens:
+        raise RuntimeError(f"{n} tokens generated over HTTP, expected {len(adapters) * tokens}")
+    return {"tok_s": n / wall, "tok_cpu": n / cpu, "cpu_s": cpu,
+            "ttft_p50": statistics.median(ttft), "ttft_p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]}
+
+
+def http_part(args, which: str) -> None:
+    """The table's adapter rows in-process and through `rankserve serve` (uvicorn, one torch thread, the
+    server's default flags otherwise), cases interleaved, on ``which``: "m512" (fixture M saved as a local
+    model directory) or a model the server knows (smollm2). Each side's ratio to its own base, and each
+    case's HTTP tokens/s over in-process tokens/s (the HTTP layer's cost, with the client on the same two
+    cores)."""
+    from server.common.config import Settings
+    from tests.util_server import LiveServer
+
+    tmp = Path(tempfile.mkdtemp(prefix="rankserve-hotpath-http-"))
+    if which == "m512":
+        fixture = base_model(512, 8)
+        model = str(tmp / "m512")
+        fixture.model.save_pretrained(model)
+        fixture.tokenizer.save_pretrained(model)
+    else:
+        model = which
+    from adapters_store.basemodels import load_base
+    base = load_base(model)
+    store = AdapterStore(tmp / "store")
+    for i in range(16):
+        store.put(f"a{i}", random_adapter(base, "lora", 8, seed=i, std=0.05).to_bytes(), base=base)
+    served = "base-model"
+    cfg = dataclasses.replace(Settings(model=model, store=str(tmp / "store"), max_running=args.streams).engine_config(),
+                              kv_cache_bytes=256 << 20)
+    eng = Engine(base, AdapterStore(tmp / "store"), cfg)
+    eng.start()
+    cases = {"base": [None] * args.streams, "one adapter (merge on, default)": ["a0"] * args.streams,
+             "5 adapters": [f"a{i % 5}" for i in range(args.streams)],
+             "16 adapters": [f"a{i % 16}" for i in range(args.streams)]}
+    direct: dict[str, list[dict]] = {k: [] for k in cases}
+    http: dict[str, list[dict]] = {k: [] for k in cases}
+    env = {"OMP_NUM_THREADS": "1", "RANKSERVE_KV_CACHE_BYTES": str(256 << 20), "HF_HUB_OFFLINE": "1"}
+    try:
+        with LiveServer(tmp, model, "--max-running", str(args.streams), "--served-model-name", served,
+                        store=tmp / "store", env=env) as srv:
+            for ids in cases.values():  # warm both sides: adapters resident, kernels built
+                run(eng, ids, args.tokens)
+                http_side(srv.url, ids, served, args.tokens)
+            for _ in range(args.rounds):
+                for name, ids in cases.items():
+                    direct[name].append(run(eng, ids, args.tokens))
+                    http[name].append(http_side(srv.url, ids, served, args.tokens))
+    finally:
+        eng.shutdown()
+    label = "fixture M (hidden 512, 8 layers, random)" if which == "m512" else which
+    print(f"\n{label}: in-process and through HTTP, {args.streams} requests at once x {args.tokens} tokens, "
+          "LoRA r=8 on all 7 projections")
+    print(f"  {'case':<34}{'in-process tok/s':>17}{'x base':>8}{'HTTP tok/s':>12}{'x base':>8}{'HTTP / in-process':>19}"
+          f"{'HTTP TTFT p99 s':>17}")
+    for name in cases:
+        d, h = best(direct[name]), best(http[name])
+        xd = statistics.median(c["tok_s"] / b["tok_s"] for c, b in zip(direct[name], direct["base"], strict=True))
+        xh = statistics.median(c["tok_s"] / b["tok_s"] for c, b in zip(http[name], http["base"], strict=True))
+        ov = statistics.median(hh["tok_s"] / dd["tok_s"] for hh, dd in zip(http[name], direct[name], strict=True))
+        print(f"  {name:<34}{d['tok_s']:>17.0f}{xd:>8.2f}{h['tok_s']:>12.0f}{xh:>8.2f}{ov:>19.2f}{h['ttft_p99']:>17.3f}")
+    print(f"  (medians over {args.rounds} rounds of ratios within a round; the server runs torch on one thread, "
+          "the client shares the machine)")
+
+
 class StepWaits:
     """Per engine, the seconds its thread spent inside steps without running (step wall minus the thread's
     CPU): waiting for the GIL or for a core. Bench-only instrumentation of ``Engine._step``."""
@@ -312,7 +418,10 @@ def main() -> None:
     ap.add_argument("--cold", type=int, default=1000, help="adapters in the cold-load store")
     ap.add_argument("--cold-requests", type=int, default=128, help="requests per cold round")
     ap.add_argument("--quick", action="store_true", help="--rounds 2 --cold 300")
-    ap.add_argument("--only", choices=("S", "M", "cold"), action="append")
+    ap.add_argument("--only", choices=("S", "M", "cold", "http"), action="append")
+    ap.add_argument("--http", action="append", metavar="MODEL",
+                    help="the HTTP part on MODEL: m512 (fixture M as a model directory) or smollm2; repeatable "
+                         "(default with the HTTP part: m512 and smollm2)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.cold = 2, 300
@@ -323,6 +432,9 @@ def main() -> None:
     for part, fn in (("S", fixture_s), ("M", fixture_m), ("cold", cold)):
         if not args.only or part in args.only:
             fn(args, pf, bw)
+    if not args.only or "http" in args.only or args.http:
+        for which in args.http or ["m512", "smollm2"]:
+            http_part(args, which)
 
 
 if __name__ == "__main__":
