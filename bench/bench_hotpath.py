@@ -89,11 +89,16 @@ def run(eng: Engine, adapters: list[str | None], tokens: int, seed: int = 1) -> 
         res = await asyncio.gather(*(one(p, a) for p, a in zip(ids, adapters, strict=True)))
         return sum(n for n, _ in res), sorted(f for _, f in res)
 
+    return timed_run(go, len(adapters) * tokens)
+
+
+def timed_run(go, expected: int) -> dict:
+    """Run the coroutine function ``go`` (-> (tokens, sorted TTFTs)); tokens/s, tokens per CPU-second, TTFT."""
     cpu, wall = time.process_time(), time.perf_counter()
     n, ttft = asyncio.run(go())
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    if n != len(adapters) * tokens:
-        raise RuntimeError(f"{n} tokens generated, expected {len(adapters) * tokens}")
+    if n != expected:
+        raise RuntimeError(f"{n} tokens generated, expected {expected}")
     return {"tok_s": n / wall, "tok_cpu": n / cpu, "cpu_s": cpu,
             "ttft_p50": statistics.median(ttft), "ttft_p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]}
 
@@ -224,13 +229,7 @@ def http_side(url: str, adapters: list[str | None], served_name: str, tokens: in
             res = await asyncio.gather(*(one(p, a) for p, a in zip(ids, adapters, strict=True)))
         return sum(n for n, _ in res), sorted(f for _, f in res)
 
-    cpu, wall = time.process_time(), time.perf_counter()
-    n, ttft = asyncio.run(go())
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    if n != len(adapters) * tokens:
-        raise RuntimeError(f"{n} tokens generated over HTTP, expected {len(adapters) * tokens}")
-    return {"tok_s": n / wall, "tok_cpu": n / cpu, "cpu_s": cpu,
-            "ttft_p50": statistics.median(ttft), "ttft_p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]}
+    return timed_run(go, len(adapters) * tokens)
 
 
 def http_part(args, which: str) -> None:
