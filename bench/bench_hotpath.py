@@ -18,6 +18,7 @@ each (``ignore_eos``), submitted at once. Engine settings are the server's defau
   http (fixture M saved as a model directory, and SmolLM2): base | one adapter | 5 adapters | 16 adapters,
                                       in-process and through `rankserve serve` (uvicorn, the server's own
                                       flags, one torch thread), tokens counted from the server's usage
+  peft (SmolLM2): bench_serving.py's rankserve / PEFT ratios, run as its own process (~4 min)
 
 Each case runs --rounds times, cases interleaved; each keeps its best round. Two figures per case:
 wall-clock tokens/s and tokens per CPU-second of this process (the engine runs in-process with one
@@ -417,7 +418,7 @@ def main() -> None:
     ap.add_argument("--cold", type=int, default=1000, help="adapters in the cold-load store")
     ap.add_argument("--cold-requests", type=int, default=128, help="requests per cold round")
     ap.add_argument("--quick", action="store_true", help="--rounds 2 --cold 300")
-    ap.add_argument("--only", choices=("S", "M", "cold", "http"), action="append")
+    ap.add_argument("--only", choices=("S", "M", "cold", "http", "peft"), action="append")
     ap.add_argument("--http", action="append", metavar="MODEL",
                     help="the HTTP part on MODEL: m512 (fixture M as a model directory) or smollm2; repeatable "
                          "(default with the HTTP part: m512 and smollm2)")
@@ -434,6 +435,21 @@ def main() -> None:
     if not args.only or "http" in args.only or args.http:
         for which in args.http or ["m512", "smollm2"]:
             http_part(args, which)
+    if not args.only or "peft" in args.only:
+        peft_part()
+
+
+def peft_part() -> None:
+    """The PEFT row: ``bench_serving.py`` (SmolLM2, 64 requests over 31 of 100 adapters, rankserve against
+    PEFT's batched ``generate(adapter_names=)``) in its own process, its summary lines printed here."""
+    import subprocess
+
+    print("\nserver with adapters / PEFT batched generate (bench/bench_serving.py, SmolLM2):", flush=True)
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("bench_serving.py"))], capture_output=True,
+                         text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.startswith(("ratios:", "greedy outputs", "smollm2:")):
+            print(f"  {line}")
 
 
 if __name__ == "__main__":
