@@ -1,19 +1,21 @@
-"""Cold adapter loads in a separate process: the engine's interpreter never runs the load's Python.
+"""Cold adapter loads in a separate process: the engine's interpreter does not run the load's Python.
 
 A loader thread's read, hash and copies release the GIL, but parsing the header, building the modules and
-packing them (``image.pack``) is Python, and every microsecond of it holds the GIL the engine thread needs
-between two torch ops: with 128 cold adapters per round on the hidden-256 fixture, that cost the engine
-~15% of its tokens/s (BENCHMARKS.md, "The hot path, fourth pass"). A loader *process* does all of it
-(read, sha256 against the captured digest, the full validation against the base, the fit check, the
-packing) and sends back one small pickled description and the packed bytes over its stdout pipe; the
-engine's process then does one ``readinto`` into a fresh tensor (the GIL released) and builds the views
-(``image.module_views``): about a tenth of the Python.
+packing them (``image.pack``) is Python, and it holds the GIL the engine thread needs between two torch
+ops. With 128 cold adapters per round on the hidden-256 fixture the engine thread waited 0.22-0.53 s per
+round inside its steps on loader threads, 0.05-0.06 s warm (BENCHMARKS.md, "The hot path, fourth pass").
+A loader *process* does the whole load (read, sha256 against the captured digest, the full validation
+against the base, the fit check, the packing) and sends back one small pickled description and the
+packed bytes over its stdout pipe. The engine's process then does one ``readinto`` into a fresh tensor
+(the GIL released) and builds the module views (``image.module_views``): 0.44 ms of thread CPU per load
+against ~1.2 ms for the whole load on a thread; the waiting fell to 0.15 s per round.
 
-Served this way: LoRA-shaped adapters (LoRA, AdaLoRA, AROMA, EDoRA-free, no head) from a local-directory
-store; anything else (MoR, DoRA/EDoRA's out_scale, classify heads, a file that fails a check, a digest that
-no longer matches, an object store) is answered "fallback", and the loader thread loads it itself the usual
-way, which also reports any failure exactly as before. A worker that dies, hangs past ``TIMEOUT_S`` or is
-not ready yet (it imports torch first, a few seconds) is skipped the same way; a dead one is not restarted.
+Served this way: LoRA-shaped adapters (LoRA, AdaLoRA, AROMA; no out_scale, no router, no head) from a
+local-directory store. Anything else (MoR, DoRA/EDoRA's out_scale, classify heads, a file that fails a
+check, a digest that no longer matches, an object store) is answered "fallback", and the loader thread
+loads it itself the usual way, which also reports any failure exactly as before. A worker that dies,
+hangs past ``TIMEOUT_S`` or is not ready yet (it imports torch first: ~1.3 s idle) is skipped the same
+way; a dead one is not restarted.
 
 Protocol (this module both sides; ``python -m server.lora.load_process`` is the worker): the parent writes
 one pickled init dict, then one pickled ``(key, digest, known)`` per load; the worker answers ``("ready",)`` once,
@@ -82,7 +84,7 @@ def load_packed(init: dict, backend, key: str, digest: str, known: bool = False)
     """One load, in the worker: (the reply, the packed bytes as a flat uint8 tensor or None). ``known``: these
     bytes passed every check in the server's process already (``validate.passed``), so only the parse runs."""
     from adapters_store.format import read_header
-    from adapters_store.validate import remember_passed, validate_bytes
+    from adapters_store.validate import validate_bytes
     from server.lora.buffers import check_fit
     from server.lora.image import pack
 
@@ -94,9 +96,11 @@ def load_packed(init: dict, backend, key: str, digest: str, known: bool = False)
     adapter = validate_bytes(data, init["spec"], init["limits"], digest)
     if adapter.head_weight is not None or adapter.head_bias is not None:
         return ("fallback", "a classify head"), None
-    dims = {p: Dims(*d) for p, d in init["spec"].targets.items()}
+    layout: Layout = init["layout"]  # the pool's modules and widths: the fit is checked against the slots
+    d_in = {p: d for d, ps in layout.a_groups for p in ps}
+    d_out = {p: d for d, ps in layout.bt_groups for p in ps}
+    dims = {p: Dims(d_in[p], d_out[p]) for p in layout.paths}
     need = check_fit(adapter, dims, init["max_rank"], init["max_experts"])  # type: ignore[arg-type]
-    layout: Layout = init["layout"]
     dtypes = {t.dtype for mw in adapter.modules.values() for t in (mw.lora_a, mw.lora_b)}
     rows = max((mw.rank for mw in adapter.modules.values()), default=0)
     if len(dtypes) != 1 or rows == 0:
