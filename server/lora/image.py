@@ -18,7 +18,6 @@ holds one copy. MoR and out_scale (DoRA, EDoRA) adapters keep the per-module wri
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -78,12 +77,10 @@ def prepare(adapter: CompiledAdapter, slots: dict[str, ModuleSlots], layout: Lay
     return (for_slots(adapter), (need, None)) if packed is None else (packed[0], (need, packed[1]))
 
 
-def pack(adapter: CompiledAdapter, layout: Layout, alloc: Alloc | None = None
-         ) -> tuple[CompiledAdapter, Packed] | None:
+def pack(adapter: CompiledAdapter, layout: Layout) -> tuple[CompiledAdapter, Packed] | None:
     """(the same adapter with its A and B as views of the packed tensors, the packed form), or None when the
     per-module write must serve it (MoR, out_scale, mixed dtypes, no module). Shapes must already fit the
-    pool (``buffers.check_fit``). ``alloc(shape, dtype)`` gives each group's tensor (default: a new one); a
-    loader process packs straight into the buffer it hands over (``server.lora.load_process``)."""
+    pool (``buffers.check_fit``)."""
     modules = adapter.modules
     if not modules or any(mw.gate is not None or mw.out_scale is not None for mw in modules.values()):
         return None
@@ -94,20 +91,14 @@ def pack(adapter: CompiledAdapter, layout: Layout, alloc: Alloc | None = None
     rows = max(mw.rank for mw in modules.values())
     if rows == 0:
         return None
-    alloc = alloc or (lambda shape, dt: torch.empty(shape, dtype=dt))
-    a = [_group([modules.get(p) for p in ps], rows, d, dtype, lambda mw: mw.lora_a, alloc)
-         for d, ps in layout.a_groups]
-    bt = [_group([modules.get(p) for p in ps], rows, d, dtype, lambda mw: mw.lora_b.T, alloc)
-          for d, ps in layout.bt_groups]
+    a = [_group([modules.get(p) for p in ps], rows, d, dtype, lambda mw: mw.lora_a) for d, ps in layout.a_groups]
+    bt = [_group([modules.get(p) for p in ps], rows, d, dtype, lambda mw: mw.lora_b.T) for d, ps in layout.bt_groups]
     ranks = {p: mw.rank for p, mw in modules.items()}
     head = {} if adapter.head_weight is None else {  # own copies: views would pin the whole file's buffer
         "head_weight": adapter.head_weight.clone(),
         "head_bias": None if adapter.head_bias is None else adapter.head_bias.clone()}
     packed = Packed(rows, a, bt, rank_table(layout, ranks))
     return replace(adapter, modules=module_views(packed, layout, ranks), **head), packed
-
-
-Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
 def packed_shapes(layout: Layout, rows: int) -> list[tuple[int, int, int]]:
@@ -132,13 +123,11 @@ def module_views(packed: Packed, layout: Layout, ranks: dict[str, int]) -> dict[
     return {p: ModuleWeights(lora_a=views[p][0][:r], lora_b=views[p][1][:r].T) for p, r in ranks.items()}
 
 
-def _group(mws: list[ModuleWeights | None], rows: int, width: int, dtype: torch.dtype, part,
-           alloc: Alloc) -> torch.Tensor:
+def _group(mws: list[ModuleWeights | None], rows: int, width: int, dtype: torch.dtype, part) -> torch.Tensor:
     """[len(mws), rows, width]: one stack when every module is present at full rank, else zero-padded."""
-    out = alloc((len(mws), rows, width), dtype)
     if all(mw is not None and mw.rank == rows for mw in mws):
-        return torch.stack([part(mw) for mw in mws], out=out)
-    out.zero_()
+        return torch.stack([part(mw) for mw in mws])
+    out = torch.zeros(len(mws), rows, width, dtype=dtype)
     for i, mw in enumerate(mws):
         if mw is not None and mw.rank:
             out[i, :mw.rank] = part(mw)

@@ -80,8 +80,9 @@ def init_message(store, base, layout: Layout, max_rank: int, max_experts: int) -
 
 
 # ---------------------------------------------------------------------------------------------- worker side
-def load_packed(init: dict, backend, key: str, digest: str, known: bool = False) -> tuple[tuple, torch.Tensor | None]:
-    """One load, in the worker: (the reply, the packed bytes as a flat uint8 tensor or None). ``known``: these
+def load_packed(init: dict, backend, key: str, digest: str, known: bool = False) -> tuple[tuple, list[torch.Tensor]]:
+    """One load, in the worker: (the reply, the packed group tensors to send after it, in ``packed_shapes``
+    order; none for a fallback). ``known``: these
     bytes passed every check in the server's process already (``validate.passed``), so only the parse runs."""
     from adapters_store.format import read_header
     from adapters_store.validate import validate_bytes
@@ -90,38 +91,26 @@ def load_packed(init: dict, backend, key: str, digest: str, known: bool = False)
 
     data = backend.read(key)
     if hashlib.sha256(data).hexdigest() != digest:
-        return ("fallback", "the stored file is no longer this version"), None
+        return ("fallback", "the stored file is no longer this version"), []
     if known:
         remember_passed(digest, init["spec"], init["limits"])
     adapter = validate_bytes(data, init["spec"], init["limits"], digest)
     if adapter.head_weight is not None or adapter.head_bias is not None:
-        return ("fallback", "a classify head"), None
+        return ("fallback", "a classify head"), []
     layout: Layout = init["layout"]  # the pool's modules and widths: the fit is checked against the slots
     d_in = {p: d for d, ps in layout.a_groups for p in ps}
     d_out = {p: d for d, ps in layout.bt_groups for p in ps}
     dims = {p: Dims(d_in[p], d_out[p]) for p in layout.paths}
     need = check_fit(adapter, dims, init["max_rank"], init["max_experts"])  # type: ignore[arg-type]
-    dtypes = {t.dtype for mw in adapter.modules.values() for t in (mw.lora_a, mw.lora_b)}
-    rows = max((mw.rank for mw in adapter.modules.values()), default=0)
-    if len(dtypes) != 1 or rows == 0:
-        return ("fallback", "not packable"), None
-    dtype = next(iter(dtypes))
-    shapes = packed_shapes(layout, rows)
-    flat = torch.empty(sum(m * r * d for m, r, d in shapes) * dtype.itemsize, dtype=torch.uint8)
-    cursor = [0]
-
-    def alloc(shape: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
-        n = shape[0] * shape[1] * shape[2] * dt.itemsize
-        out = flat[cursor[0]:cursor[0] + n].view(dt).view(shape)
-        cursor[0] += n
-        return out
-
-    packed = pack(adapter, layout, alloc)
+    packed = pack(adapter, layout)
     if packed is None:
-        return ("fallback", "not packable"), None
+        return ("fallback", "not packable"), []
+    groups = packed[1].a + packed[1].bt  # contiguous (stacked or zero-padded), one dtype
     ranks = {p: mw.rank for p, mw in adapter.modules.items()}
     header_meta = read_header(data, init["limits"].max_header_bytes)[1]
-    return ("ok", flat.numel(), str(dtype).removeprefix("torch."), rows, ranks, header_meta, need), flat
+    nbytes = sum(t.numel() * t.element_size() for t in groups)
+    dtype = str(groups[0].dtype).removeprefix("torch.")
+    return ("ok", nbytes, dtype, packed[1].rows, ranks, header_meta, need), groups
 
 
 def worker_main() -> None:
@@ -142,12 +131,12 @@ def worker_main() -> None:
         except EOFError:  # the parent closed the pipe or died
             return
         try:
-            reply, flat = load_packed(init, backend, key, digest, known)
+            reply, groups = load_packed(init, backend, key, digest, known)
         except Exception as e:  # noqa: BLE001 - one bad file must not end the worker; the thread path reports it
-            reply, flat = ("fallback", f"{type(e).__name__}: {e}"), None
+            reply, groups = ("fallback", f"{type(e).__name__}: {e}"), []
         pickle.dump(reply, out)
-        if flat is not None:
-            out.write(memoryview(flat.numpy()))
+        for t in groups:
+            out.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         out.flush()
 
 
